@@ -1,0 +1,283 @@
+"""Typed run configuration.
+
+Every knob of a run lives in a keyword-only dataclass. A recipe is a Python function returning a full
+:class:`RunConfig`; YAML files and ``key.sub=value`` overrides are merged on top through OmegaConf's
+structured configs, which reject unknown keys and values of the wrong type. The resolved config is saved
+beside every run (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (unknown key, wrong type, inconsistent values)."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards are and how crops are shaped.
+
+    ``root`` is a folder written by ``dist-seg prepare`` (it holds ``manifest.json``). ``batch_size`` is the
+    *global* batch: each of ``W`` ranks loads ``batch_size / W`` crops per step.
+    """
+
+    root: str = "data/toy"
+    train_split: str = "train"
+    val_split: str = "val"
+    res: int = 224
+    eval_res: int = 320
+    batch_size: int = 32
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    feature_cache: Optional[str] = None
+    knn_table: Optional[str] = None
+    max_val_samples: Optional[int] = None
+
+
+# ------------------------------------------------------------------------------------------- backbone
+@dataclass(kw_only=True)
+class BackboneConfig:
+    """Frozen feature extractor (SPEC §1)."""
+
+    name: str = "dino_vits8"
+    weights: Optional[str] = None
+    allow_download: bool = False
+
+
+# -------------------------------------------------------------------------------------------- methods
+@dataclass(kw_only=True)
+class StegoConfig:
+    """STEGO head and correlation loss (SPEC §3); names follow the reference configs."""
+
+    dim: int = 70
+    projection_type: str = "nonlinear"
+    dropout: float = 0.1
+    feature_samples: int = 11
+    neg_samples: int = 5
+    num_neighbors: int = 7
+    pos_intra_weight: float = 0.67
+    pos_intra_shift: float = 0.08
+    pos_inter_weight: float = 0.25
+    pos_inter_shift: float = 0.02
+    neg_inter_weight: float = 0.63
+    neg_inter_shift: float = 0.76
+    zero_clamp: bool = True
+    pointwise: bool = True
+    stabilize: bool = False
+    lr: float = 5e-4
+    probe_lr: float = 5e-3
+
+
+@dataclass(kw_only=True)
+class DS2DLConfig:
+    """DS²DL head, prototypes and losses (SPEC §4)."""
+
+    dim: int = 64
+    dropout: float = 0.1
+    feature_samples: int = 11
+    tau: float = 0.1
+    r: float = 2.1
+    ema_momentum: float = 0.998
+    sinkhorn_eps: float = 0.1
+    sinkhorn_iters: int = 3
+    intra_weight: float = 1.0
+    cross_weight: float = 1.0
+    affinity_weight: float = 1.0
+    l2g_weight: float = 1.0
+    orth_weight: float = 1.0
+    self_label_weight: float = 1.0
+    lr: float = 1e-4
+    prototype_lr: float = 5e-4
+    probe_lr: float = 5e-3
+    optimizer: str = "radam"
+    train_probes: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation loop, checkpoints and validation."""
+
+    num_steps: int = 5000
+    seed: int = 0
+    mode: str = "online"
+    mixed_precision: str = "no"
+    grad_clip: Optional[float] = None
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    val_every: int = 500
+    log_every: int = 10
+    resume: bool = True
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation protocol (SPEC §6)."""
+
+    crf: bool = False
+    flip_tta: bool = True
+    crf_workers: int = 2
+    num_overlays: int = 8
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow tracking; ``uri`` falls back to ``MLFLOW_TRACKING_URI`` then ``sqlite:///mlflow.db``."""
+
+    enabled: bool = True
+    uri: Optional[str] = None
+    experiment: str = "dist_seg"
+    run_name: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one training run needs."""
+
+    method: str = "stego"
+    num_classes: Optional[int] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    stego: StegoConfig = field(default_factory=StegoConfig)
+    ds2dl: DS2DLConfig = field(default_factory=DS2DLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+_CHOICES = {
+    ("method",): ("stego", "ds2dl"),
+    ("stego", "projection_type"): ("linear", "nonlinear"),
+    ("ds2dl", "optimizer"): ("adam", "radam"),
+    ("train", "mode"): ("online", "cached"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check value constraints that types alone cannot express; raise :class:`ConfigError`."""
+    for path, allowed in _CHOICES.items():
+        value: Any = cfg
+        for part in path:
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"{'.'.join(path)}={value!r} is not one of {list(allowed)}")
+    positive = {
+        "data.res": cfg.data.res,
+        "data.eval_res": cfg.data.eval_res,
+        "data.batch_size": cfg.data.batch_size,
+        "train.num_steps": cfg.train.num_steps,
+        "stego.dim": cfg.stego.dim,
+        "stego.feature_samples": cfg.stego.feature_samples,
+        "ds2dl.dim": cfg.ds2dl.dim,
+        "ds2dl.feature_samples": cfg.ds2dl.feature_samples,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.ds2dl.r <= 0:
+        raise ConfigError(f"ds2dl.r must be positive (r = 1 is plain BCE), got {cfg.ds2dl.r}")
+    if cfg.num_classes is not None and cfg.num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, got {cfg.num_classes}")
+
+
+# ------------------------------------------------------------------------------------ merging / io
+def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    where = f" (key '{key}')" if key else ""
+    return ConfigError(f"invalid config from {source}{where}: {msg}")
+
+
+def merge(base: T, *, yaml_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
+    """Return ``base`` with YAML files then ``a.b=value`` overrides merged on top.
+
+    Args:
+        base: a dataclass instance (a recipe's config).
+        yaml_files: YAML mappings with the same nesting as the dataclass.
+        overrides: dotlist strings such as ``train.num_steps=100``; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: naming the offending key for unknown keys, wrong types or malformed overrides.
+    """
+    try:
+        merged = OmegaConf.structured(base)
+    except OmegaConfBaseException as err:  # pragma: no cover - programming error in a dataclass
+        raise _wrap(err, type(base).__name__) from None
+    for path in yaml_files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as err:
+            raise _wrap(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _wrap(err, f"override {item!r}") from None
+    try:
+        result = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _wrap(err, "merged config") from None
+    return result  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml(cls: type[T], text: str) -> T:
+    """Build ``cls`` from YAML text (missing keys keep their defaults)."""
+    data = yaml.safe_load(text) or {}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _wrap(err, "yaml") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (creating parent folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.num_steps": 100, ...}`` for tracking params and sweep diffs."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

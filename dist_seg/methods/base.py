@@ -1,0 +1,132 @@
+"""The interface between the trainer and a method.
+
+A method owns its trainable modules (head, prototypes, probes), builds its optimiser, turns a batch of
+frozen features into a loss, updates any non-gradient state after an optimiser step, and predicts soft
+labels for evaluation. The trainer knows methods only through :class:`Method`.
+
+Randomness that must not depend on how the global batch is split over ranks (sampling coordinates,
+derangements) is drawn from generators seeded by ``(seed, step, purpose)`` for the *global* batch;
+each rank then takes its own slice (``StepContext.local``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_seg import distributed as D
+from dist_seg.config import RunConfig
+
+
+@dataclass(kw_only=True)
+class StepContext:
+    """What a method needs to know about the step besides the batch.
+
+    Attributes:
+        step: global optimiser step (0-based).
+        seed: run seed.
+        rank, world_size: this process and the number of processes.
+        local_batch: rows of the batch on this rank (equal on every rank).
+    """
+
+    step: int
+    seed: int
+    rank: int
+    world_size: int
+    local_batch: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.world_size
+
+    def generator(self, purpose: str, *keys: int) -> torch.Generator:
+        return D.seeded_generator(self.seed, self.step, purpose, *keys)
+
+    def local(self, global_tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a tensor built for the global batch."""
+        start = self.rank * self.local_batch
+        return global_tensor[start : start + self.local_batch]
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """A training batch on one rank.
+
+    Attributes:
+        feats: anchor patch features ``[b, C, h, w]`` (frozen backbone output, no gradient).
+        partner_feats: features of each anchor's KNN partner ``[b, C, h, w]``, or None if the method
+            needs none.
+        label: pixel labels ``[b, H, W]`` (−1 = ignore) for the linear probe, or None without labels.
+        index: global sample indices ``[b]``.
+    """
+
+    feats: torch.Tensor
+    partner_feats: Optional[torch.Tensor] = None
+    label: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+
+
+def sample_coords(ctx: StepContext, num_samples: int, purpose: str, device: torch.device) -> torch.Tensor:
+    """Uniform coordinates in [-1, 1]² for this rank's images: ``[b, S, S, 2]`` (drawn for the global batch)."""
+    gen = ctx.generator(purpose)
+    coords = torch.rand((ctx.global_batch, num_samples, num_samples, 2), generator=gen) * 2 - 1
+    return ctx.local(coords).to(device)
+
+
+def grid_sample(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Sample ``t`` ``[b, C, h, w]`` at ``coords`` ``[b, S, S, 2]`` → ``[b, C, S, S]`` (SPEC §3)."""
+    return F.grid_sample(t, coords.to(t.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+class Method(nn.Module):
+    """Base class of a training method. Subclasses set ``name`` and implement the abstract methods.
+
+    Args:
+        cfg: the full run config (the method reads its own section).
+        feat_dim: channels C of the backbone features.
+        num_classes: K, the number of clusters (and linear-probe classes).
+        has_labels: whether training labels exist (the linear probe is built only then).
+    """
+
+    name: str = "base"
+
+    def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.feat_dim = feat_dim
+        self.num_classes = num_classes
+        self.has_labels = has_labels
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """One optimiser with a parameter group per component (each group has a ``name`` key)."""
+        raise NotImplementedError
+
+    def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss of this rank's part of the global batch, and scalar logs (per-term losses, ...).
+
+        The loss is a mean over this rank's anchors, so DDP's gradient averaging yields the gradient of
+        the mean over the global batch.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Update non-gradient state (e.g. EMA prototypes) after each optimiser step."""
+
+    def predict(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Soft predictions on the feature grid for evaluation.
+
+        Returns:
+            ``{"code": [b, D, h, w], "cluster": [b, K, h, w] scores whose argmax is the cluster and whose
+            ``log_softmax(2·scores)`` is the CRF unary, and "linear": [b, K, h, w] logits when a linear
+            probe exists}``.
+        """
+        raise NotImplementedError
+
+    def extra_logs(self) -> dict[str, float]:
+        """Scalars worth tracking besides the losses (e.g. learnable bias); called on the main process."""
+        return {}
