@@ -117,15 +117,30 @@ class Method(nn.Module):
     def after_step(self) -> None:
         """Update non-gradient state (e.g. EMA prototypes) after each optimiser step."""
 
-    def predict(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Soft predictions on the feature grid for evaluation.
+    def encode(self, feats: torch.Tensor) -> torch.Tensor:
+        """Code (head output) ``[b, D, h, w]`` of backbone features ``[b, C, h, w]``."""
+        raise NotImplementedError
+
+    def classify(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Soft predictions from a code at any resolution (evaluation upsamples the code first).
 
         Returns:
-            ``{"code": [b, D, h, w], "cluster": [b, K, h, w] scores whose argmax is the cluster and whose
-            ``log_softmax(2·scores)`` is the CRF unary, and "linear": [b, K, h, w] logits when a linear
-            probe exists}``.
+            ``{"cluster": [b, K', H, W] scores whose argmax is the cluster and whose
+            ``log_softmax(2·scores)`` is the CRF unary, "linear": [b, K, H, W] logits when a linear probe
+            exists}``.
         """
         raise NotImplementedError
+
+    def predict(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``classify(encode(feats))`` on the feature grid, with the code under ``"code"``."""
+        code = self.encode(feats)
+        out = dict(self.classify(code))
+        out["code"] = code
+        return out
+
+    def forward(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        # DDP synchronises gradients only for work done through forward(), so training goes through here.
+        return self.training_loss(batch, ctx)
 
     def extra_logs(self) -> dict[str, float]:
         """Scalars worth tracking besides the losses (e.g. learnable bias); called on the main process."""

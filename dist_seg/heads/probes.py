@@ -1,0 +1,91 @@
+"""Cluster and linear probes on a head's code (SPEC §3 "Probes").
+
+Callers hand the probes ``code.detach()`` so that the probes train beside the head without any label (or
+cluster assignment) ever reaching it; the probes have their own parameters and optimiser group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClusterProbe", "LinearProbe"]
+
+
+def _norm(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return F.normalize(t, dim=dim, eps=1e-10)
+
+
+class ClusterProbe(nn.Module):
+    """K unit centres; a pixel belongs to the centre of highest cosine similarity.
+
+    Args:
+        dim: code channels D.
+        num_clusters: K.
+    """
+
+    def __init__(self, dim: int, num_clusters: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_clusters = num_clusters
+        self.clusters = nn.Parameter(torch.randn(num_clusters, dim))
+
+    def inner(self, code: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each pixel to each centre: ``[B, D, h, w]`` → ``[B, K, h, w]``."""
+        return torch.einsum("bchw,kc->bkhw", _norm(code, 1), _norm(self.clusters, 1))
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.inner(code)
+
+    def loss(self, code: torch.Tensor) -> torch.Tensor:
+        """``-(onehot(argmax inner) · inner).sum(1).mean()``: pull each pixel's nearest centre towards it."""
+        inner = self.inner(code)
+        assignment = F.one_hot(inner.argmax(dim=1), self.num_clusters).permute(0, 3, 1, 2).to(inner.dtype)
+        return -(assignment * inner).sum(dim=1).mean()
+
+    def predict(self, code: torch.Tensor) -> torch.Tensor:
+        """Hard cluster index per pixel ``[B, h, w]``."""
+        return self.inner(code).argmax(dim=1)
+
+    def log_probs(self, code: torch.Tensor) -> torch.Tensor:
+        """Soft form for the CRF: ``log_softmax(2·inner)`` over clusters."""
+        return torch.log_softmax(2 * self.inner(code), dim=1)
+
+
+class LinearProbe(nn.Module):
+    """A 1×1 convolution D→K trained with cross-entropy on labelled pixels.
+
+    Args:
+        dim: code channels D.
+        num_classes: K.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(dim, num_classes, kernel_size=1)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K, h, w]`` on the code's grid."""
+        return self.conv(code)
+
+    def loss(self, code: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the pixels whose label is in ``[0, K)``.
+
+        Logits are upsampled bilinearly (``align_corners=False``) to the label's size. Every other label
+        value (−1, 255, ...) is ignored; a batch without any valid pixel gives a loss of 0 (and zero
+        gradients) instead of NaN.
+
+        Args:
+            code: ``[B, D, h, w]``.
+            label: ``[B, H, W]`` integer labels.
+        """
+        if label.dim() != 3 or label.shape[0] != code.shape[0]:
+            raise ValueError(f"labels must be [B, H, W] with B={code.shape[0]}, got {tuple(label.shape)}")
+        logits = F.interpolate(self(code), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        label = label.long()
+        valid = (label >= 0) & (label < self.num_classes)
+        target = torch.where(valid, label, torch.full_like(label, -1))
+        total = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+        return total / valid.sum().clamp_min(1).to(total.dtype)
