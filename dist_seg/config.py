@@ -29,10 +29,11 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the shards are and how crops are shaped.
 
-    ``root`` is a folder written by ``dist-seg prepare`` (it holds ``manifest.json``). ``batch_size`` is the
+    ``root`` is a folder written by ``dist-seg prepare DATASET`` (it holds ``manifest.json``). ``batch_size`` is the
     *global* batch: each of ``W`` ranks loads ``batch_size / W`` crops per step.
     """
 
+    dataset: str = "toy"
     root: str = "data/toy"
     train_split: str = "train"
     val_split: str = "val"
@@ -106,14 +107,26 @@ class DS2DLConfig:
 
 
 @dataclass(kw_only=True)
+class BaselineConfig:
+    """Backbone-feature baselines of paper 002 (SPEC §5): only the probes are trained."""
+
+    kind: str = "raw"
+    dim: int = 70
+    fit_samples: int = 2000
+    probe_lr: float = 5e-3
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """The optimisation loop, checkpoints and validation."""
 
     num_steps: int = 5000
     seed: int = 0
+    deterministic: bool = False
     mode: str = "online"
     mixed_precision: str = "no"
     grad_clip: Optional[float] = None
+    deepspeed_config: Optional[str] = None
     output_dir: str = "runs/default"
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -152,6 +165,7 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     stego: StegoConfig = field(default_factory=StegoConfig)
     ds2dl: DS2DLConfig = field(default_factory=DS2DLConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -161,7 +175,8 @@ class RunConfig:
 
 
 _CHOICES = {
-    ("method",): ("stego", "ds2dl"),
+    ("method",): ("stego", "ds2dl", "baseline"),
+    ("baseline", "kind"): ("raw", "pca", "rp"),
     ("stego", "projection_type"): ("linear", "nonlinear"),
     ("ds2dl", "optimizer"): ("adam", "radam"),
     ("train", "mode"): ("online", "cached"),

@@ -1,0 +1,235 @@
+"""The STEGO evaluation protocol (SPEC §6) for any method, and ``dist-seg eval``.
+
+Validation crops are the minor side resized to ``eval_res`` and centre-cropped (done by the shard
+reader). The code is averaged with the code of the horizontally flipped image, upsampled bilinearly to
+the label size, and classified by the method's cluster head and, when present, its linear probe.
+An optional dense CRF refines both predictions. Confusion matrices are summed over ranks before the
+Hungarian matching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dist_seg import distributed as D
+from dist_seg.eval.metrics import ConfusionMeter, cluster_scores, linear_scores
+from dist_seg.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+FeatureFn = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def backbone_feature_fn(backbone, device: torch.device, autocast=None) -> FeatureFn:
+    """Features of a batch's images and of their horizontal flips, computed by ``backbone``."""
+
+    def fn(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+            both = backbone.patch_features(torch.cat([images, images.flip(-1)]))
+        feats, flipped = both.float().chunk(2)
+        return feats, flipped
+
+    return fn
+
+
+def cached_feature_fn(device: torch.device) -> FeatureFn:
+    """Features read from a feature cache (``feat`` and ``feat_flip`` written by ``dist-seg extract``)."""
+
+    def fn(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "feat_flip" not in batch:
+            raise KeyError("this feature cache has no flipped validation features; re-run `dist-seg extract`")
+        return batch["feat"].to(device).float(), batch["feat_flip"].to(device).float()
+
+    return fn
+
+
+@torch.no_grad()
+def tta_code(method: Method, feats: torch.Tensor, flipped: Optional[torch.Tensor]) -> torch.Tensor:
+    code = method.encode(feats)
+    if flipped is not None:
+        code = (code + method.encode(flipped).flip(-1)) / 2
+    return code
+
+
+@torch.no_grad()
+def evaluate(
+    method: Method,
+    batches: Iterable[dict],
+    feature_fn: FeatureFn,
+    *,
+    num_classes: int,
+    device: torch.device,
+    flip_tta: bool = True,
+    crf: bool = False,
+    crf_workers: int = 0,
+    num_overlays: int = 0,
+) -> dict:
+    """Run the evaluation protocol over ``batches`` (this rank's slice) and return the scores.
+
+    Args:
+        method: a trained (or baseline) method in eval mode.
+        batches: dicts with ``label`` [B,H,W] (−1 ignore), ``image`` uint8 [B,3,H,W] (for CRF/overlays) and
+            whatever ``feature_fn`` reads.
+        feature_fn: returns features of the images and of their flips.
+        num_classes: K of the labels.
+        crf: refine with the dense CRF (SPEC §6) before scoring.
+        num_overlays: keep this many examples (image, label, predictions) for plots.
+
+    Returns:
+        ``{"cluster": {...scores}, "linear": {...} or None, "examples": {...}}``; scores as in
+        :func:`dist_seg.eval.metrics.cluster_scores` / ``linear_scores``; identical on every rank.
+    """
+    was_training = method.training
+    method.eval()
+    cluster_meter: Optional[ConfusionMeter] = None
+    linear_meter: Optional[ConfusionMeter] = None
+    examples: dict[str, list] = {"image": [], "label": [], "cluster": [], "linear": []}
+    pool = None
+    if crf:
+        from dist_seg.eval.crf import CRFPool
+
+        pool = CRFPool(crf_workers).__enter__()
+    try:
+        for batch in batches:
+            label = batch["label"].to(device)
+            feats, flipped = feature_fn(batch)
+            code = tta_code(method, feats, flipped if flip_tta else None)
+            code = F.interpolate(code, size=label.shape[-2:], mode="bilinear", align_corners=False)
+            out = method.classify(code)
+            preds = {}
+            for key in ("cluster", "linear"):
+                scores = out.get(key)
+                if scores is None:
+                    continue
+                if crf:
+                    images = batch["image"].permute(0, 2, 3, 1).cpu().numpy()
+                    unary = (F.log_softmax(2 * scores, dim=1) if key == "cluster"
+                             else F.log_softmax(scores, dim=1)).float().cpu().numpy()
+                    probs = pool.map(list(images), list(unary))
+                    preds[key] = torch.from_numpy(np.stack(probs)).argmax(1).to(device)
+                else:
+                    preds[key] = scores.argmax(1)
+            if cluster_meter is None:
+                cluster_meter = ConfusionMeter(num_classes, out["cluster"].shape[1], device=device)
+                if "linear" in preds:
+                    linear_meter = ConfusionMeter(num_classes, num_classes, device=device)
+            cluster_meter.update(preds["cluster"], label)
+            if linear_meter is not None:
+                linear_meter.update(preds["linear"], label)
+            if len(examples["image"]) < num_overlays:
+                take = min(num_overlays - len(examples["image"]), label.shape[0])
+                examples["image"].extend(batch["image"][:take].permute(0, 2, 3, 1).cpu().numpy())
+                examples["label"].extend(label[:take].cpu().numpy())
+                examples["cluster"].extend(preds["cluster"][:take].cpu().numpy())
+                if "linear" in preds:
+                    examples["linear"].extend(preds["linear"][:take].cpu().numpy())
+    finally:
+        if pool is not None:
+            pool.__exit__(None, None, None)
+        method.train(was_training)
+    # Every rank must take part in the reductions even if its slice was empty.
+    if cluster_meter is None:
+        probe = torch.zeros(1, method.feat_dim, 1, 1, device=device)
+        num_clusters = method.classify(method.encode(probe))["cluster"].shape[1]
+        cluster_meter = ConfusionMeter(num_classes, num_clusters, device=device)
+    has_linear = torch.tensor([float(linear_meter is not None)], device=device)
+    D.all_reduce_sum(has_linear)
+    if has_linear.item() > 0 and linear_meter is None:
+        linear_meter = ConfusionMeter(num_classes, num_classes, device=device)
+    cluster_meter.all_reduce()
+    if linear_meter is not None:
+        linear_meter.all_reduce()
+    result = {
+        "cluster": cluster_scores(cluster_meter.confusion.cpu()),
+        "linear": linear_scores(linear_meter.confusion.cpu()) if linear_meter is not None else None,
+        "cluster_confusion": cluster_meter.confusion.cpu(),
+        "examples": examples,
+    }
+    return result
+
+
+def summary(result: dict, prefix: str = "") -> dict[str, float]:
+    """Flat metrics for tracking: ``{prefix}cluster_mIoU``, ``{prefix}cluster_Acc``, ``{prefix}linear_*``."""
+    out = {f"{prefix}cluster_mIoU": result["cluster"]["mIoU"], f"{prefix}cluster_Acc": result["cluster"]["Acc"]}
+    if result.get("linear"):
+        out[f"{prefix}linear_mIoU"] = result["linear"]["mIoU"]
+        out[f"{prefix}linear_Acc"] = result["linear"]["Acc"]
+    return out
+
+
+def format_table(rows: dict[str, dict], title: str = "") -> str:
+    """A fixed-width results table: one row per predictor, cluster and linear mIoU/Acc."""
+    header = f"{'model':<28}{'cluster mIoU':>14}{'cluster Acc':>13}{'linear mIoU':>13}{'linear Acc':>12}"
+    lines = [title, header, "-" * len(header)] if title else [header, "-" * len(header)]
+    for name, res in rows.items():
+        lin = res.get("linear")
+        lm = f"{lin['mIoU']:13.2f}" if lin else f"{'-':>13}"
+        la = f"{lin['Acc']:12.2f}" if lin else f"{'-':>12}"
+        lines.append(f"{name:<28}{res['cluster']['mIoU']:14.2f}{res['cluster']['Acc']:13.2f}{lm}{la}")
+    return "\n".join(lines)
+
+
+def save_reports(result: dict, out_dir: str | Path, *, class_names=None, colors=None, name="eval") -> dict[str, Path]:
+    """Write ``{name}.json`` (every number), a confusion-matrix figure and an overlay grid; return paths."""
+    from dist_seg.eval import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    def clean(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.tolist()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        if isinstance(obj, float) and not np.isfinite(obj):
+            return None
+        return obj
+
+    numbers = {k: v for k, v in result.items() if k != "examples"}
+    paths["json"] = out_dir / f"{name}.json"
+    paths["json"].write_text(json.dumps(clean(numbers), indent=2))
+    k = result["cluster_confusion"].shape[0]
+    names = class_names or [str(i) for i in range(k)]
+    matched = result["cluster"].get("matched_confusion", result["cluster_confusion"][:, :k])
+    paths["confusion"] = plots.confusion_figure(np.asarray(clean(matched)), names, out_dir / f"{name}_confusion.png")
+    ex = result["examples"]
+    if ex["image"]:
+        assignment = np.asarray(result["cluster"]["assignment"])
+        cluster = [np.where(assignment[c] >= 0, assignment[c], -1) for c in ex["cluster"]]
+        linear = np.stack(ex["linear"]) if ex["linear"] else None
+        paths["overlays"] = plots.overlay_grid(np.stack(ex["image"]), np.stack(ex["label"]), np.stack(cluster), linear,
+                                               colors, out_dir / f"{name}_overlays.png")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a training checkpoint (.pt) to evaluate")
+    src.add_argument("--baselines", nargs="+", choices=["raw", "pca", "rp"],
+                     help="evaluate backbone-feature baselines (probes fit on the training split)")
+    parser.add_argument("--recipe", help="recipe file for --baselines (dataset, backbone, resolution)")
+    parser.add_argument("--crf", action="store_true", help="refine predictions with the dense CRF")
+    parser.add_argument("--out", default=None, help="folder for the JSON report and figures")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dist_seg import trainer
+
+    return trainer.run_eval_command(args)

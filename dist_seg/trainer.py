@@ -1,0 +1,673 @@
+"""One Accelerate training loop for every method, with checkpoint/resume, validation and tracking.
+
+``train(cfg)`` is what recipes, ``dist-seg train``, Ray trials and tests call. It runs unchanged on one
+CPU process, on several CPU processes (gloo) and on N GPUs / M nodes under ``accelerate launch``.
+
+Determinism and resume: every random choice that shapes a step (sampling coordinates, derangements,
+KNN partner choice) is drawn from generators seeded by ``(seed, step, purpose)``; the data stream of a
+rank is a deterministic function of ``(seed, epoch)`` and restarts at the exact batch of the step being
+resumed; the global torch RNG (dropout) is re-seeded from ``(seed, step, rank)`` at every step; checkpoints
+hold parameters, optimiser and scaler state. A resumed run therefore ends with the same parameters as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dist_seg import distributed as D
+from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
+from dist_seg.methods import build_method
+from dist_seg.methods.base import Batch, Method, StepContext
+
+log = logging.getLogger("dist_seg.trainer")
+
+CKPT_DIR = "checkpoints"
+BEST_NAME = "best-val-cluster-mIoU.pt"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (non-finite loss, missing data): the message says what to do."""
+
+
+def setup_logging() -> None:
+    if not logging.getLogger("dist_seg").handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logging.getLogger("dist_seg").addHandler(handler)
+        logging.getLogger("dist_seg").setLevel(logging.INFO)
+
+
+def make_accelerator(cfg: RunConfig):
+    """The run's ``accelerate.Accelerator`` (device, processes, mixed precision, DDP settings)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+# --------------------------------------------------------------------------------------- datasets
+@dataclass(kw_only=True)
+class DataInfo:
+    """What the trainer learns from the dataset (and feature-cache) manifests."""
+
+    root: str
+    num_classes: int
+    class_names: Optional[list]
+    colors: Optional[list]
+    has_train_labels: bool
+    has_val: bool
+    num_train: int
+    cache: Optional[str]
+    feat_dim: Optional[int]
+
+
+def read_data_info(cfg: RunConfig) -> DataInfo:
+    from dist_seg.data.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.root)
+    except FileNotFoundError:
+        raise ConfigError(f"no dataset at {cfg.data.root}: create it with "
+                          f"`dist-seg prepare {cfg.data.dataset} --out {cfg.data.root}`"
+                          + ("" if cfg.data.dataset == "toy" else " --src <where you unpacked it>")
+                          + " (see docs/datasets.md)") from None
+    if cfg.data.train_split not in manifest.splits:
+        raise ConfigError(f"{cfg.data.root} has no '{cfg.data.train_split}' split (it has {sorted(manifest.splits)})")
+    num_classes = cfg.num_classes or manifest.num_classes
+    if num_classes is None:
+        raise ConfigError(f"{cfg.data.root} has no classes in its manifest: set num_classes=K (the number of clusters)")
+    train = manifest.splits[cfg.data.train_split]
+    val = manifest.splits.get(cfg.data.val_split)
+    cache, feat_dim = None, None
+    if cfg.train.mode == "cached":
+        cache = cfg.data.feature_cache or default_cache_dir(cfg)
+        feat_dim = check_feature_cache(cfg, cache)
+    return DataInfo(root=cfg.data.root, num_classes=num_classes, class_names=manifest.class_names,
+                    colors=manifest.colors, has_train_labels=train.has_labels,
+                    has_val=val is not None and val.has_labels, num_train=train.num_samples,
+                    cache=cache, feat_dim=feat_dim)
+
+
+def default_cache_dir(cfg: RunConfig) -> str:
+    return str(Path(cfg.data.root) / "features" / f"{cfg.backbone.name}_{cfg.data.res}")
+
+
+def check_feature_cache(cfg: RunConfig, cache: str) -> int:
+    """Refuse a feature cache built with another backbone or resolution; return its channel count."""
+    from dist_seg.features import read_cache_info
+
+    info = read_cache_info(cache)
+    want = {"backbone": cfg.backbone.name, "res": cfg.data.res, "eval_res": cfg.data.eval_res}
+    for key, value in want.items():
+        if info.get(key) != value:
+            raise ConfigError(
+                f"feature cache {cache} was built with {key}={info.get(key)!r} but this run uses {value!r}; "
+                f"re-run `dist-seg extract` with this recipe or point data.feature_cache elsewhere")
+    return int(info["feat_dim"])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.train.output_dir) / CKPT_DIR
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(cfg: RunConfig) -> list[Path]:
+    return sorted(checkpoint_dir(cfg).glob("step-*.pt"))
+
+
+def load_latest_checkpoint(cfg: RunConfig) -> tuple[Optional[dict], Optional[Path]]:
+    """Newest checkpoint that loads; unreadable ones (half-written, corrupted) are skipped with a warning."""
+    for path in reversed(list_checkpoints(cfg)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or "step" not in state or "method" not in state:
+                raise ValueError("not a dist_seg checkpoint")
+            return state, path
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+            log.warning("skipping unreadable checkpoint %s (%s)", path, err)
+    return None, None
+
+
+def prune_checkpoints(cfg: RunConfig) -> None:
+    keep = max(1, cfg.train.keep_last)
+    for path in list_checkpoints(cfg)[:-keep]:
+        path.unlink(missing_ok=True)
+        # DeepSpeed never deletes its own tags: drop the ZeRO shards of pruned steps too.
+        shutil.rmtree(checkpoint_dir(cfg) / "deepspeed" / path.stem, ignore_errors=True)
+
+
+def load_method_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                           overrides: Sequence[str] = ()) -> tuple[Method, RunConfig, dict]:
+    """Rebuild a method from a checkpoint (its saved config, optionally overridden) for eval/predict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "config" not in state or "method" not in state:
+        raise ValueError(f"{path} is not a dist_seg checkpoint (no config/method state)")
+    import yaml
+
+    from dist_seg.config import from_yaml
+
+    cfg = from_yaml(RunConfig, yaml.safe_dump(state["config"]))
+    if overrides:
+        cfg = merge(cfg, overrides=overrides)
+    meta = state["meta"]
+    method = build_method(cfg, feat_dim=meta["feat_dim"], num_classes=meta["num_classes"],
+                          has_labels=meta["has_labels"])
+    method.load_state_dict(state["method"])
+    return method.to(device).eval(), cfg, state
+
+
+# ----------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Builds everything a run needs from a config; ``fit()`` trains, validates, checkpoints and tracks.
+
+    Args:
+        cfg: the resolved run configuration.
+        accelerator: an ``accelerate.Accelerator`` (built from the config when omitted).
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, dict], None]] = None) -> None:
+        setup_logging()
+        self.cfg = cfg
+        self.on_eval = on_eval
+        self.accelerator = accelerator or make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if cfg.data.batch_size % self.world:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible by "
+                              f"the number of processes ({self.world})")
+        self.local_batch = cfg.data.batch_size // self.world
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.train.seed + self.rank)
+        self.info = read_data_info(cfg)
+        self.backbone = None
+        if cfg.train.mode == "online" or self.info.has_val:
+            from dist_seg.backbones import load_backbone
+
+            self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
+                                          allow_download=cfg.backbone.allow_download).to(self.device)
+        feat_dim = self.info.feat_dim or self.backbone.embed_dim
+        method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
+                              has_labels=self.info.has_train_labels)
+        self.needs_partners = getattr(method, "needs_partners", True)
+        self.knn = self._knn_indices() if self.needs_partners else None
+        if getattr(method, "needs_fit", False):
+            method.fit(self._fit_features(getattr(method, "fit_samples", 2000)))
+        optimizer = method.build_optimizer()
+        self.engine = None
+        if cfg.train.deepspeed_config:
+            # ZeRO-2 is driven directly (see dist_seg/ds_engine.py for why not through Accelerate's plugin).
+            from dist_seg.ds_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(method.to(self.device), optimizer, cfg.train.deepspeed_config,
+                                          micro_batch_size=self.local_batch, mixed_precision=cfg.train.mixed_precision,
+                                          gradient_clipping=cfg.train.grad_clip)
+            self.method, self.optimizer = self.engine, self.engine.optimizer
+        else:
+            self.method, self.optimizer = self.accelerator.prepare(method, optimizer)
+        self.step = 0
+        self.best_miou = -math.inf
+        self.assignment: Optional[list] = None  # cluster -> class matching of the latest validation
+        self._stop_requested = False
+        self.tracker = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> Method:
+        if self.engine is not None:
+            return self.engine.module
+        return self.accelerator.unwrap_model(self.method)
+
+    def _optimise(self, loss: torch.Tensor) -> None:
+        """Backward, clipping and the optimiser step, through DeepSpeed or Accelerate."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()  # clipping and zero_grad happen inside
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.cfg.train.grad_clip:
+            self.accelerator.clip_grad_norm_(self.method.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.backbone.patch_features(images.to(self.device, non_blocking=True)).float()
+
+    def _fit_features(self, num: int) -> torch.Tensor:
+        """Up to ``num`` training feature vectors (pixels) for baselines that fit on data (PCA)."""
+        loader, _ = self._loader(self.cfg.data.train_split, infinite=False, shuffle=False)
+        rows, total = [], 0
+        for batch in loader:
+            f = batch["feat"].float() if "feat" in batch else self._features(batch["image"]).cpu()
+            rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+            total += rows[-1].shape[0]
+            if total >= num:
+                break
+        return torch.cat(rows)[:num]
+
+    def _loader(self, split: str, *, infinite: bool, shuffle: bool, start_batch: int = 0, val: bool = False):
+        from dist_seg.data.shards import make_loader
+
+        # Validation always runs the backbone on the images: it needs flipped views and full resolution.
+        cached = self.cfg.train.mode == "cached" and not val
+        return make_loader(
+            self.info.cache if cached else self.cfg.data.root, split,
+            batch_size=self.local_batch, res=self.cfg.data.eval_res if val else self.cfg.data.res,
+            num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, shuffle=shuffle,
+            infinite=infinite, start_batch=start_batch, shuffle_buffer=self.cfg.data.shuffle_buffer,
+            decode="features" if cached else "image",
+        )
+
+    def _knn_indices(self) -> torch.Tensor:
+        from dist_seg.knn import ensure_knn_table
+
+        indices = ensure_knn_table(self.cfg, backbone=self.backbone, cache=self.info.cache, device=self.device)
+        need = self.cfg.stego.num_neighbors
+        if indices.shape[1] < need:
+            raise ConfigError(f"the KNN table holds {indices.shape[1]} neighbours but stego.num_neighbors={need}")
+        return indices[:, :need]
+
+    def _partners(self, index: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Features of a KNN partner drawn uniformly from each anchor's first ``num_neighbors`` (SPEC §2)."""
+        choice = torch.randint(self.knn.shape[1], (ctx.global_batch,), generator=ctx.generator("knn"))
+        partner = self.knn[index.cpu(), ctx.local(choice)]
+        fetched = self._indexed.get_batch(partner)
+        if "feat" in fetched:
+            return fetched["feat"].to(self.device).float()
+        return self._features(fetched["image"])
+
+    def _batches(self) -> Iterator[Batch]:
+        from dist_seg.data.shards import IndexedShards
+
+        cached = self.cfg.train.mode == "cached"
+        if self.needs_partners:
+            self._indexed = IndexedShards(self.info.cache if cached else self.cfg.data.root, self.cfg.data.train_split,
+                                          res=self.cfg.data.res, decode="features" if cached else "image")
+        loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step)
+        for raw in loader:
+            feats = raw["feat"].to(self.device).float() if cached else self._features(raw["image"])
+            label = raw["label"].to(self.device) if self.info.has_train_labels else None
+            yield Batch(feats=feats, label=label, index=raw["index"])
+
+    def _context(self) -> StepContext:
+        return StepContext(step=self.step, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
+                           local_batch=self.local_batch)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "step": self.step,
+            "method": self.unwrapped.state_dict(),
+            # Under ZeRO each rank holds a shard of the optimiser state: DeepSpeed saves those beside this file.
+            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+            "best_miou": self.best_miou,
+            "assignment": self.assignment,
+            "config": to_dict(self.cfg),
+            "meta": {"feat_dim": self.unwrapped.feat_dim, "num_classes": self.info.num_classes,
+                     "has_labels": self.info.has_train_labels, "world_size": self.world,
+                     "method": self.cfg.method, "backbone": self.cfg.backbone.name,
+                     "class_names": self.info.class_names, "colors": self.info.colors},
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unwrapped.load_state_dict(state["method"])
+        if self.engine is not None:
+            self.engine.load(checkpoint_dir(self.cfg) / "deepspeed", tag=f"step-{int(state['step']):08d}")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_miou = float(state.get("best_miou", -math.inf))
+        self.assignment = state.get("assignment")
+
+    def save_checkpoint(self, *, best: bool = False) -> Optional[Path]:
+        state = self.state_dict()  # collective: every rank takes part
+        path = None
+        if self.engine is not None and not best:
+            self.engine.save(checkpoint_dir(self.cfg) / "deepspeed", f"step-{self.step:08d}")  # collective
+        if self.accelerator.is_main_process:
+            path = checkpoint_dir(self.cfg) / (BEST_NAME if best else f"step-{self.step:08d}.pt")
+            atomic_save(state, path)
+            if not best:
+                prune_checkpoints(self.cfg)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def maybe_resume(self) -> bool:
+        if not self.cfg.train.resume:
+            return False
+        state, path = load_latest_checkpoint(self.cfg)
+        # All ranks read the same folder; agree on the newest one rank 0 could load.
+        step = D.broadcast_object(None if state is None else int(state["step"]))
+        if step is None:
+            return False
+        if state is None or int(state["step"]) != step:
+            state = torch.load(checkpoint_dir(self.cfg) / f"step-{step:08d}.pt", map_location="cpu", weights_only=False)
+        self.load_state_dict(state)
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate(self, *, num_overlays: int = 0, crf: Optional[bool] = None) -> Optional[dict]:
+        if not self.info.has_val:
+            return None
+        from dist_seg.eval.evaluate import backbone_feature_fn, evaluate
+
+        loader, _ = self._loader(self.cfg.data.val_split, infinite=False, shuffle=False, val=True)
+        batches = loader
+        if self.cfg.data.max_val_samples:
+            limit = max(1, self.cfg.data.max_val_samples // self.cfg.data.batch_size)
+            batches = (b for i, b in zip(range(limit), loader))
+        return evaluate(self.unwrapped, batches, backbone_feature_fn(self.backbone, self.device, self.accelerator.autocast),
+                        num_classes=self.info.num_classes, device=self.device, flip_tta=self.cfg.eval.flip_tta,
+                        crf=self.cfg.eval.crf if crf is None else crf, crf_workers=self.cfg.eval.crf_workers,
+                        num_overlays=num_overlays)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
+        log.warning("signal %d received: checkpointing at the end of step %d, then exiting", signum, self.step)
+        self._stop_requested = True
+
+    def fit(self) -> dict:
+        from dist_seg.tracking import Tracker
+
+        cfg = self.cfg
+        out_dir = Path(cfg.train.output_dir)
+        if self.accelerator.is_main_process:
+            save_config(cfg, out_dir / "config.yaml")
+        resumed = self.maybe_resume()
+        self.tracker = Tracker(cfg.tracking, active=self.accelerator.is_main_process, params=flatten(cfg),
+                               tags={"dataset": cfg.data.root, "backbone": cfg.backbone.name,
+                                     "backbone.weights_id": getattr(self.backbone, "weights_id", "cache"),
+                                     "method": cfg.method, "world_size": str(self.world),
+                                     "resumed_from_step": str(self.step) if resumed else "0"})
+        previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
+        status = "FAILED"
+        try:
+            result = self._loop()
+            status = "FINISHED" if not self._stop_requested else "KILLED"
+            return result
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.tracker.end(status)
+
+    def _loop(self) -> dict:
+        from dist_seg.eval.evaluate import summary
+
+        cfg = self.cfg
+        progress = None
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.train.num_steps, initial=self.step, desc=f"train {cfg.method}",
+                            dynamic_ncols=True, disable=not sys.stderr.isatty())
+        self.method.train()
+        batches = self._batches() if self.step < cfg.train.num_steps else iter(())
+        t0, steps_timed = time.perf_counter(), 0
+        logs: dict[str, float] = {}
+        while self.step < cfg.train.num_steps:
+            batch = next(batches)
+            ctx = self._context()
+            # The global RNG (dropout) is re-seeded from (seed, step, rank) every step: a resumed run draws
+            # exactly the masks of an uninterrupted one, whatever else consumed random numbers in between.
+            torch.manual_seed(D.seeded_generator(cfg.train.seed, self.step, "torch", self.rank).initial_seed())
+            if self.needs_partners:
+                batch.partner_feats = self._partners(batch.index, ctx)
+            with self.accelerator.autocast():
+                loss, logs = self.method(batch, ctx)
+            finite = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)
+            if D.all_reduce_sum(finite).item() < self.world:
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step}: lower the learning rates, "
+                                    f"enable train.grad_clip, or check the features (mixed precision overflow?)")
+            self._optimise(loss)
+            self.unwrapped.after_step()
+            self.step += 1
+            steps_timed += 1
+            if progress is not None:
+                progress.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.num_steps:
+                elapsed = time.perf_counter() - t0
+                metrics = {**_mean_over_ranks({"loss": float(loss.detach()), **logs}, self.device),
+                           "crops_per_s": steps_timed * cfg.data.batch_size / max(elapsed, 1e-9),
+                           **self.unwrapped.extra_logs()}
+                self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", crops_s=f"{metrics['crops_per_s']:.1f}")
+                t0, steps_timed = time.perf_counter(), 0
+            stop = D.broadcast_object(self._stop_requested)
+            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.num_steps and not stop:
+                self._validate_and_select()
+            if stop or (self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.num_steps):
+                self.save_checkpoint()
+            if stop:
+                self._stop_requested = True
+                if progress is not None:
+                    progress.close()
+                log.warning("stopped at step %d after a termination signal; re-run the same command to resume",
+                            self.step)
+                return {"step": self.step, "stopped": True}
+        if progress is not None:
+            progress.close()
+        # The final checkpoint comes after the final validation so it carries that cluster→class matching.
+        result = self._validate_and_select(final=True) or {}
+        self.save_checkpoint()
+        return {"step": self.step, "stopped": False, "val": result,
+                "metrics": summary(result) if result else {}}
+
+    def _validate_and_select(self, final: bool = False) -> Optional[dict]:
+        from dist_seg.eval.evaluate import save_reports, summary
+
+        num_overlays = self.cfg.eval.num_overlays if final else 0
+        result = self.validate(num_overlays=num_overlays)
+        if result is None:
+            return None
+        scores = summary(result)
+        self.assignment = list(result["cluster"]["assignment"])
+        self.tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step=self.step)
+        if self.on_eval is not None and self.accelerator.is_main_process:
+            self.on_eval(self.step, {f"val/{k}": v for k, v in scores.items()})
+        if scores["cluster_mIoU"] > self.best_miou:
+            self.best_miou = scores["cluster_mIoU"]
+            self.save_checkpoint(best=True)
+        if final and self.accelerator.is_main_process:
+            paths = save_reports(result, Path(self.cfg.train.output_dir) / "eval", class_names=self.info.class_names,
+                                 colors=self.info.colors, name="final")
+            for p in paths.values():
+                self.tracker.log_artifact(p, "eval")
+            self.tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.step)
+        return result
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    t = D.all_reduce_sum(t) / D.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def train(cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Train (or resume) a run described by ``cfg``; returns final step, validation scores and metrics.
+
+    ``on_eval(step, metrics)`` is called on the main process after every validation (Ray Tune reports
+    through it). When no accelerator is given, one is built and ended here (``end_training`` in ``finally``); a caller
+    that trains several models in one process builds one accelerator and passes it to each call.
+    """
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(cfg)
+    try:
+        return Trainer(cfg, accelerator, on_eval=on_eval).fit()
+    finally:
+        if own:
+            accelerator.end_training()
+
+
+# ------------------------------------------------------------------------------------ recipes/CLI
+def load_recipe(path_or_name: str) -> Callable[[], RunConfig]:
+    """The ``config()`` function of a recipe file (``recipes/stego_toy.py``) or name (``stego_toy``)."""
+    path = Path(path_or_name)
+    if not path.suffix:
+        candidates = [Path("recipes") / f"{path_or_name}.py",
+                      Path(__file__).resolve().parent.parent / "recipes" / f"{path_or_name}.py"]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path_or_name} (give a path such as recipes/stego_toy.py)")
+    spec = importlib.util.spec_from_file_location(f"dist_seg_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"{path} defines no config() function")
+    return module.config
+
+
+def resolve_config(base: RunConfig, argv: Sequence[str]) -> RunConfig:
+    """``--config a.yaml`` files and ``key=value`` overrides from ``argv`` merged onto ``base``."""
+    yaml_files, overrides = [], []
+    it = iter(argv)
+    for item in it:
+        if item == "--config":
+            yaml_files.append(next(it))
+        elif item.startswith("--config="):
+            yaml_files.append(item.split("=", 1)[1])
+        else:
+            overrides.append(item[2:] if item.startswith("--") else item)
+    return merge(base, yaml_files=yaml_files, overrides=overrides)
+
+
+def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of every recipe file: ``accelerate launch recipes/X.py [--config f.yaml] [k=v ...]``."""
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = resolve_config(config_fn(), argv)
+        result = train(cfg)
+    except (ConfigError, FileNotFoundError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if D.is_main_process() and result.get("val"):
+        from dist_seg.eval.evaluate import format_table
+
+        print(format_table({cfg.method: result["val"]}, title=f"validation after {result['step']} steps"))
+    return 0
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe file or name, e.g. recipes/stego_toy.py or stego_toy")
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the recipe")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config_fn = load_recipe(args.recipe)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    argv = [x for f in args.config for x in ("--config", f)] + list(args.overrides)
+    return run_recipe(config_fn, argv)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``dist-seg eval``: a checkpoint, or baselines fit on the recipe's training split."""
+    from dist_seg.eval.evaluate import format_table, save_reports
+
+    setup_logging()
+    rows: dict[str, dict] = {}
+    try:
+        if args.checkpoint:
+            method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides)
+            cfg = merge(cfg, overrides=["tracking.enabled=false", "train.resume=false"])
+            trainer = Trainer(cfg)
+            try:
+                trainer.unwrapped.load_state_dict(state["method"])
+                rows[f"{cfg.method} (step {state['step']})"] = trainer.validate(
+                    num_overlays=cfg.eval.num_overlays, crf=args.crf)
+            finally:
+                trainer.accelerator.end_training()
+            info, out = trainer.info, args.out or str(Path(args.checkpoint).parent.parent / "eval")
+        else:
+            if not args.recipe:
+                raise ConfigError("--baselines needs --recipe (dataset, backbone, resolution and steps)")
+            base = resolve_config(load_recipe(args.recipe)(), args.overrides)
+            info, out = None, args.out or str(Path(base.train.output_dir) / "baselines")
+            accelerator = make_accelerator(base)
+            try:
+                for kind in args.baselines:
+                    res = train_baseline(base, kind, crf=args.crf, accelerator=accelerator)
+                    rows[f"baseline {kind}"] = res["val"]
+                    info = res.get("info")
+            finally:
+                accelerator.end_training()
+    except (ConfigError, FileNotFoundError, ValueError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if D.is_main_process():
+        print(format_table(rows, title="validation (SPEC §6 protocol)"))
+        for name, res in rows.items():
+            if res is not None:
+                save_reports(res, out, class_names=getattr(info, "class_names", None), colors=getattr(info, "colors", None),
+                             name=name.replace(" ", "_").replace("(", "").replace(")", ""))
+        print(f"reports written to {out}")
+    return 0
+
+
+def train_baseline(base: RunConfig, kind: str, *, crf: bool = False, accelerator=None) -> dict:
+    """Fit a backbone-feature baseline's probes on the training split and evaluate it (SPEC §5)."""
+    cfg = merge(base, overrides=[
+        "method=baseline", f"baseline.kind={kind}", f"baseline.dim={_head_dim(base)}",
+        f"train.output_dir={Path(base.train.output_dir) / ('baseline-' + kind)}", "train.resume=false",
+        f"eval.crf={str(crf).lower()}", f"tracking.run_name=baseline-{kind}",
+    ])
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(cfg)
+    try:
+        trainer = Trainer(cfg, accelerator)
+        result = trainer.fit()
+        result["info"] = trainer.info
+        return result
+    finally:
+        if own:
+            accelerator.end_training()
+
+
+def _head_dim(cfg: RunConfig) -> int:
+    return cfg.ds2dl.dim if cfg.method == "ds2dl" else cfg.stego.dim
