@@ -36,6 +36,9 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 log = logging.getLogger("dist_seg.trainer")
 
+# ``on_eval`` is called on every rank (scores are identical on all ranks), so a Ray Train worker group can
+# report from each worker; Ray Tune reads this flag.
+ON_EVAL_EVERY_RANK = True
 CKPT_DIR = "checkpoints"
 BEST_NAME = "best-val-cluster-mIoU.pt"
 
@@ -72,6 +75,7 @@ class DataInfo:
     colors: Optional[list]
     has_train_labels: bool
     has_val: bool
+    has_val_labels: bool
     num_train: int
     cache: Optional[str]
     feat_dim: Optional[int]
@@ -100,7 +104,8 @@ def read_data_info(cfg: RunConfig) -> DataInfo:
         feat_dim = check_feature_cache(cfg, cache)
     return DataInfo(root=cfg.data.root, num_classes=num_classes, class_names=manifest.class_names,
                     colors=manifest.colors, has_train_labels=train.has_labels,
-                    has_val=val is not None and val.has_labels, num_train=train.num_samples,
+                    has_val=val is not None, has_val_labels=val is not None and val.has_labels,
+                    num_train=train.num_samples,
                     cache=cache, feat_dim=feat_dim)
 
 
@@ -220,6 +225,13 @@ class Trainer:
                               has_labels=self.info.has_train_labels)
         self.needs_partners = getattr(method, "needs_partners", True)
         self.knn = self._knn_indices() if self.needs_partners else None
+        if self.needs_partners:
+            from dist_seg.data.shards import IndexedShards
+
+            # Partners are read by global index from the same shards the stream reads (no second copy).
+            cached = cfg.train.mode == "cached"
+            self._indexed = IndexedShards(self.info.cache if cached else cfg.data.root, cfg.data.train_split,
+                                          res=cfg.data.res, decode="features" if cached else "image")
         if getattr(method, "needs_fit", False):
             method.fit(self._fit_features(getattr(method, "fit_samples", 2000)))
         optimizer = method.build_optimizer()
@@ -307,12 +319,7 @@ class Trainer:
         return self._features(fetched["image"])
 
     def _batches(self) -> Iterator[Batch]:
-        from dist_seg.data.shards import IndexedShards
-
         cached = self.cfg.train.mode == "cached"
-        if self.needs_partners:
-            self._indexed = IndexedShards(self.info.cache if cached else self.cfg.data.root, self.cfg.data.train_split,
-                                          res=self.cfg.data.res, decode="features" if cached else "image")
         loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step)
         for raw in loader:
             feats = raw["feat"].to(self.device).float() if cached else self._features(raw["image"])
@@ -394,6 +401,7 @@ class Trainer:
             batches = (b for i, b in zip(range(limit), loader))
         return evaluate(self.unwrapped, batches, backbone_feature_fn(self.backbone, self.device, self.accelerator.autocast),
                         num_classes=self.info.num_classes, device=self.device, flip_tta=self.cfg.eval.flip_tta,
+                        has_labels=self.info.has_val_labels,
                         crf=self.cfg.eval.crf if crf is None else crf, crf_workers=self.cfg.eval.crf_workers,
                         num_overlays=num_overlays)
 
@@ -497,20 +505,23 @@ class Trainer:
         if result is None:
             return None
         scores = summary(result)
-        self.assignment = list(result["cluster"]["assignment"])
+        if result["cluster"] is not None:
+            self.assignment = list(result["cluster"]["assignment"])
         self.tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step=self.step)
-        if self.on_eval is not None and self.accelerator.is_main_process:
+        if self.on_eval is not None:
             self.on_eval(self.step, {f"val/{k}": v for k, v in scores.items()})
-        if scores["cluster_mIoU"] > self.best_miou:
+        if "cluster_mIoU" in scores and scores["cluster_mIoU"] > self.best_miou:
             self.best_miou = scores["cluster_mIoU"]
             self.save_checkpoint(best=True)
         if final and self.accelerator.is_main_process:
-            paths = save_reports(result, Path(self.cfg.train.output_dir) / "eval", class_names=self.info.class_names,
-                                 colors=self.info.colors, name="final")
-            for p in paths.values():
-                self.tracker.log_artifact(p, "eval")
+            if result["cluster"] is not None:
+                paths = save_reports(result, Path(self.cfg.train.output_dir) / "eval",
+                                     class_names=self.info.class_names, colors=self.info.colors, name="final")
+                for p in paths.values():
+                    self.tracker.log_artifact(p, "eval")
             self.tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.step)
         return result
+
 
 def _main_thread() -> bool:
     import threading
@@ -583,10 +594,14 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
     except (ConfigError, FileNotFoundError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if D.is_main_process() and result.get("val"):
+    val = result.get("val")
+    if D.is_main_process() and val:
         from dist_seg.eval.evaluate import format_table
 
-        print(format_table({cfg.method: result["val"]}, title=f"validation after {result['step']} steps"))
+        if val.get("cluster") is not None:
+            print(format_table({cfg.method: val}, title=f"validation after {result['step']} steps"))
+        if val.get("label_free") is not None:
+            print(f"label-free score (feature silhouette of the predicted clusters): {val['label_free']:.4f}")
     return 0
 
 

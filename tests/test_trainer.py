@@ -63,7 +63,7 @@ def test_train_cli_end_to_end(toy_root, tmp_path):
     runs = mlflow.search_runs(experiment_names=["dist_seg"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["params.train.num_steps"] == "6"
-    for metric in ("metrics.train/loss", "metrics.val/cluster_mIoU", "metrics.final/linear_Acc",
+    for metric in ("metrics.train/loss", "metrics.val/cluster_mIoU", "metrics.final/linear_Acc", "metrics.val/label_free",
                    "metrics.train/crops_per_s"):
         assert metric in runs.columns and runs.iloc[0][metric] == runs.iloc[0][metric], f"{metric} not logged"
 
@@ -196,3 +196,26 @@ def test_knn_table_of_other_run_is_refused(toy_root, tmp_path):
                                                        "tracking.enabled=false"))
     with pytest.raises(KnnTableError, match="res"):
         Trainer(cfg)
+
+
+def test_unlabelled_folder_trains_and_reports_label_free(tmp_path):
+    """Users without labels: a folder of images trains (no linear probe) and validation reports the label-free
+    score instead of mIoU."""
+    from PIL import Image
+
+    from dist_seg.data.folder import prepare_folder
+    from dist_seg.data.toy import toy_sample
+
+    for split, count in (("train", 16), ("val", 4)):
+        src = tmp_path / "src" / split
+        src.mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(toy_sample(i, split=split, num_classes=5, size=64, seed=0).image).save(src / f"{i}.png")
+        prepare_folder(src, tmp_path / "data", split=split, samples_per_shard=4)
+    out = tmp_path / "run"
+    cfg = merge(load_recipe(RECIPE)(), overrides=[*small(tmp_path / "data", out), "num_classes=5", "train.num_steps=2",
+                                                  "train.val_every=0", "tracking.enabled=false"])
+    result = train(cfg)
+    assert result["val"]["cluster"] is None, "an unlabelled split has no mIoU"
+    assert -1.0 <= result["metrics"]["label_free"] <= 1.0
+    assert final_state(out)["meta"]["has_labels"] is False

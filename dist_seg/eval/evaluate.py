@@ -73,6 +73,8 @@ def evaluate(
     crf: bool = False,
     crf_workers: int = 0,
     num_overlays: int = 0,
+    has_labels: bool = True,
+    label_free_score: bool = True,
 ) -> dict:
     """Run the evaluation protocol over ``batches`` (this rank's slice) and return the scores.
 
@@ -84,13 +86,19 @@ def evaluate(
         num_classes: K of the labels.
         crf: refine with the dense CRF (SPEC §6) before scoring.
         num_overlays: keep this many examples (image, label, predictions) for plots.
+        has_labels: False for an unlabelled split: only the label-free score is computed.
+        label_free_score: compute the label-free selection score (``val/label_free``; see
+            :mod:`dist_seg.eval.label_free`) from backbone features and the predicted clusters.
 
     Returns:
         ``{"cluster": {...scores}, "linear": {...} or None, "examples": {...}}``; scores as in
         :func:`dist_seg.eval.metrics.cluster_scores` / ``linear_scores``; identical on every rank.
     """
+    from dist_seg.eval.label_free import LabelFreeMeter
+
     was_training = method.training
     method.eval()
+    label_free = LabelFreeMeter() if label_free_score else None
     cluster_meter: Optional[ConfusionMeter] = None
     linear_meter: Optional[ConfusionMeter] = None
     examples: dict[str, list] = {"image": [], "label": [], "cluster": [], "linear": []}
@@ -104,6 +112,10 @@ def evaluate(
             label = batch["label"].to(device)
             feats, flipped = feature_fn(batch)
             code = tta_code(method, feats, flipped if flip_tta else None)
+            if label_free is not None:
+                label_free.update(feats, method.classify(code)["cluster"])
+            if not has_labels:
+                continue
             code = F.interpolate(code, size=label.shape[-2:], mode="bilinear", align_corners=False)
             out = method.classify(code)
             preds = {}
@@ -137,6 +149,9 @@ def evaluate(
         if pool is not None:
             pool.__exit__(None, None, None)
         method.train(was_training)
+    lf = label_free.compute() if label_free is not None else None  # collective
+    if not has_labels:
+        return {"cluster": None, "linear": None, "cluster_confusion": None, "label_free": lf, "examples": examples}
     # Every rank must take part in the reductions even if its slice was empty.
     if cluster_meter is None:
         probe = torch.zeros(1, method.feat_dim, 1, 1, device=device)
@@ -153,14 +168,21 @@ def evaluate(
         "cluster": cluster_scores(cluster_meter.confusion.cpu()),
         "linear": linear_scores(linear_meter.confusion.cpu()) if linear_meter is not None else None,
         "cluster_confusion": cluster_meter.confusion.cpu(),
+        "label_free": lf,
         "examples": examples,
     }
     return result
 
 
 def summary(result: dict, prefix: str = "") -> dict[str, float]:
-    """Flat metrics for tracking: ``{prefix}cluster_mIoU``, ``{prefix}cluster_Acc``, ``{prefix}linear_*``."""
-    out = {f"{prefix}cluster_mIoU": result["cluster"]["mIoU"], f"{prefix}cluster_Acc": result["cluster"]["Acc"]}
+    """Flat metrics for tracking: ``{prefix}cluster_mIoU``, ``{prefix}cluster_Acc``, ``{prefix}linear_*``,
+    ``{prefix}label_free``."""
+    out = {}
+    if result.get("label_free") is not None:
+        out[f"{prefix}label_free"] = float(result["label_free"])
+    if result.get("cluster") is None:
+        return out
+    out.update({f"{prefix}cluster_mIoU": result["cluster"]["mIoU"], f"{prefix}cluster_Acc": result["cluster"]["Acc"]})
     if result.get("linear"):
         out[f"{prefix}linear_mIoU"] = result["linear"]["mIoU"]
         out[f"{prefix}linear_Acc"] = result["linear"]["Acc"]

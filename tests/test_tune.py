@@ -1,0 +1,322 @@
+"""Sweep files → Ray Tune search spaces, their validation, and an end-to-end sweep on 2 CPUs."""
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dist_seg import tune as T
+from dist_seg.config import RunConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "recipes" / "sweep.yaml"
+SWEEP_TOY = REPO / "recipes" / "sweep_toy.yaml"
+
+
+def minimal(**params) -> dict:
+    return {"name": "s", "recipe": str(REPO / "recipes" / "stego_toy.py"), "params": params}
+
+
+# ----------------------------------------------------------------------------- YAML → search space
+def test_distributions_map_to_ray_tune_domains():
+    from ray.tune.search import sample
+
+    spec = T.parse_sweep(minimal(**{
+        "stego.pos_intra_weight": {"uniform": [0.1, 0.9]},
+        "stego.lr": {"loguniform": [1e-4, 1e-2]},
+        "stego.projection_type": {"choice": ["linear", "nonlinear"]},
+        "stego.pointwise": {"grid": [True, False]},
+        "stego.dim": {"randint": [16, 33]},
+        "stego.dropout": {"quniform": [0.0, 0.5, 0.1]},
+    }))
+    space = T.search_space(spec)
+    w = space["stego.pos_intra_weight"]
+    assert isinstance(w, sample.Float) and (w.lower, w.upper) == (0.1, 0.9)
+    assert isinstance(w.get_sampler(), sample.Float._Uniform), "uniform must sample uniformly"
+    lr = space["stego.lr"]
+    assert isinstance(lr, sample.Float) and isinstance(lr.get_sampler(), sample.Float._LogUniform)
+    draws = np.array(lr.sample(size=4000, random_state=0))
+    assert draws.min() >= 1e-4 and draws.max() <= 1e-2
+    assert abs(np.median(np.log10(draws)) + 3) < 0.1, "loguniform's median must be the geometric mean"
+    assert isinstance(space["stego.projection_type"], sample.Categorical)
+    assert space["stego.projection_type"].categories == ["linear", "nonlinear"]
+    assert space["stego.pointwise"] == {"grid_search": [True, False]}
+    dim = space["stego.dim"]
+    assert isinstance(dim, sample.Integer) and (dim.lower, dim.upper) == (16, 33)
+    drop = space["stego.dropout"]
+    assert isinstance(drop.get_sampler(), sample.Quantized) and drop.get_sampler().q == 0.1
+    assert all(abs(v * 10 - round(v * 10)) < 1e-9 for v in drop.sample(size=50, random_state=0))
+
+
+def test_nested_keys_become_nested_config_values():
+    spec = T.parse_sweep(minimal(**{"stego.lr": {"loguniform": [1e-4, 1e-2]},
+                                    "data.batch_size": {"choice": [8, 16]}}))
+    assert set(T.search_space(spec)) == {"stego.lr", "data.batch_size"}, "keys keep their dotted config names"
+    ctx = T.TrialContext(base_config=T.to_dict(RunConfig()), fixed_overrides=["train.num_steps=7"],
+                         parent_run_id="p", tracking_uri="sqlite:////tmp/x.db", experiment="e", sweep_name="s",
+                         metric="val/cluster_mIoU")
+    overrides = T.trial_overrides(ctx, {"stego.lr": np.float64(0.00123), "data.batch_size": 16},
+                                  output_dir="/tmp/trial/run", run_name="trial_1")
+    cfg = T._resolve_trial_config(ctx, overrides)
+    assert cfg.stego.lr == pytest.approx(0.00123) and cfg.data.batch_size == 16
+    assert cfg.train.num_steps == 7 and cfg.train.output_dir == "/tmp/trial/run"
+    assert (cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name) == ("sqlite:////tmp/x.db", "e", "trial_1")
+
+
+def test_grid_search_enumerates_choices_too():
+    spec = T.parse_sweep({**minimal(**{"stego.dim": {"choice": [16, 32]}, "stego.lr": {"grid": [1e-3]}}),
+                          "search": "grid"})
+    assert T.search_space(spec) == {"stego.dim": {"grid_search": [16, 32]}, "stego.lr": {"grid_search": [1e-3]}}
+
+
+def test_shipped_sweep_files_parse():
+    spec = T.parse_sweep(SWEEP)
+    assert spec.metric == "val/cluster_mIoU" and spec.mode == "max" and spec.search == "optuna"
+    for key in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight",
+                "pos_intra_shift", "pos_inter_shift", "neg_inter_shift"):
+        assert f"stego.{key}" in spec.params, f"sweep.yaml must search stego.{key}"
+    assert spec.scheduler.type == "asha" and spec.resources.gpu == 1
+    assert T.base_config(spec).train.num_steps == spec.budget.max_steps
+    toy = T.parse_sweep(SWEEP_TOY)
+    assert toy.num_samples >= 4 and toy.resources.gpu == 0
+
+
+def test_documented_ds2dl_block_is_valid():
+    text = SWEEP.read_text()
+    block = re.search(r"# BEGIN DS2DL PARAMS\n(.*?)# END DS2DL PARAMS", text, re.S).group(1)
+    params = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))["params"]
+    for key in ("r", "tau", "sinkhorn_eps", "affinity_weight", "l2g_weight", "orth_weight", "self_label_weight"):
+        assert f"ds2dl.{key}" in params, f"the DS2DL block must search ds2dl.{key}"
+    data = {**yaml.safe_load(text), "params": params, "recipe": "recipes/ds2dl_coco.py"}
+    spec = T.parse_sweep(data)
+    assert T.base_config(spec).method == "ds2dl"
+    with pytest.raises(T.SweepError, match=r"belong to a method this sweep never trains"):
+        T.base_config(T.parse_sweep({**data, "recipe": "recipes/stego_coco.py"}))
+
+
+def test_command_line_overrides_of_the_sweep_file():
+    spec = T.parse_sweep(SWEEP_TOY, ["num_samples=2", "scheduler.type=none", "overrides+=data.root=/data/x",
+                                     "params.stego.dim={choice: [16, 32]}", "name=other"])
+    assert spec.num_samples == 2 and spec.scheduler.type == "none" and spec.name == "other"
+    assert spec.overrides[-1] == "data.root=/data/x" and "train.val_every=5" in spec.overrides
+    assert spec.params["stego.dim"] == T.ParamSpec(name="stego.dim", kind="choice", args=[16, 32])
+
+
+# ------------------------------------------------------------------------------------ clear errors
+@pytest.mark.parametrize("params, pattern", [
+    ({"stego.pos_intra_wieght": {"uniform": [0, 1]}},
+     r"params\.stego\.pos_intra_wieght.*'pos_intra_wieght' is not a field"),
+    ({"optim.lr": {"uniform": [0, 1]}}, r"params\.optim\.lr.*'optim' is not a field of RunConfig"),
+    ({"stego": {"choice": [1]}}, r"'stego' is a config section"),
+    ({"stego.lr": {"normal": [0, 1]}}, r"params\.stego\.lr: unknown distribution 'normal'"),
+    ({"stego.lr": {"uniform": [0.1]}}, r"params\.stego\.lr: uniform takes \[low, high\]"),
+    ({"stego.lr": {"uniform": [0.5, 0.1]}}, r"params\.stego\.lr: uniform needs low < high"),
+    ({"stego.lr": {"loguniform": [0, 0.1]}}, r"params\.stego\.lr: loguniform needs 0 < low"),
+    ({"stego.lr": {"uniform": ["a", 1]}}, r"params\.stego\.lr: uniform bound #1 must be a finite number"),
+    ({"stego.lr": {"quniform": [0, 1, -1]}}, r"quniform step q must be positive"),
+    ({"stego.lr": {"choice": []}}, r"params\.stego\.lr: choice needs a non-empty list"),
+    ({"stego.lr": [0.1, 0.2]}, r"params\.stego\.lr must be a one-entry mapping"),
+    ({"stego.dim": {"uniform": [8, 64]}}, r"'stego\.dim' is int; use randint or choice"),
+    ({"stego.dim": {"randint": [8.5, 64]}}, r"randint bounds must be integers"),
+    ({"stego.projection_type": {"choice": ["linear", "cubic"]}}, r"value 'cubic'.*not one of"),
+    ({"ds2dl.r": {"uniform": [0.0, 2.0]}}, r"params\.ds2dl\.r \(value 0\.0\).*must be positive"),
+    ({"train.output_dir": {"choice": ["a"]}}, r"set by the sweep for each trial"),
+])
+def test_bad_parameters_are_named(params, pattern):
+    with pytest.raises(T.SweepError, match=pattern):
+        T.parse_sweep(minimal(**params))
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"num_sample": 3}, r"unknown key\(s\) \['num_sample'\] in the sweep file"),
+    ({"scheduler": {"grace": 3}}, r"unknown key\(s\) \['grace'\] in scheduler"),
+    ({"scheduler": {"type": "hyperband"}}, r"scheduler\.type must be one of"),
+    ({"search": "bayes"}, r"search must be one of"),
+    ({"mode": "maximise"}, r"mode must be 'max' or 'min'"),
+    ({"num_samples": "many"}, r"sweep\.num_samples must be an integer"),
+    ({"resources": {"gpu": "one"}}, r"resources\.gpu must be a number"),
+    ({"overrides": ["train.num_stepz=5"]}, r"overrides entry 'train\.num_stepz=5'.*num_stepz"),
+    ({"overrides": ["tracking.uri=x"]}, r"set by the sweep"),
+    ({"overrides": ["stego.lr=0.1"]}, r"both searched \(params\) and fixed"),
+    ({"search": "grid"}, r"search: grid enumerates values, but \['stego\.lr'\]"),
+    ({"search": "optuna", "params": {"stego.lr": {"grid": [0.1]}}}, r"optuna cannot enumerate grids"),
+    ({"recipe": None}, r"needs `recipe:`"),
+    ({"budget": {"max_steps": 5}, "overrides": ["train.num_steps=7"]}, r"both set train\.num_steps"),
+])
+def test_bad_sweep_entries_are_named(change, pattern):
+    data = {**minimal(**{"stego.lr": {"loguniform": [1e-4, 1e-2]}}), **change}
+    with pytest.raises(T.SweepError, match=pattern):
+        T.parse_sweep(data)
+
+
+def test_missing_sweep_file_and_bad_cli_override():
+    with pytest.raises(T.SweepError, match="sweep file not found"):
+        T.parse_sweep("nope.yaml")
+    with pytest.raises(T.SweepError, match="must look like key=value"):
+        T.parse_sweep(SWEEP_TOY, ["num_samples"])
+
+
+def test_cli_reports_errors_without_a_traceback(capsys):
+    from dist_seg import cli
+
+    assert cli.main(["sweep", str(SWEEP_TOY), "params.stego.bogus={uniform: [0, 1]}"]) == 2
+    assert "params.stego.bogus" in capsys.readouterr().err
+
+
+def test_tracking_uri_is_made_absolute(tmp_path):
+    assert T.absolute_tracking_uri("sqlite:///mlflow.db", str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert T.absolute_tracking_uri("sqlite:////abs/m.db", str(tmp_path)) == "sqlite:////abs/m.db"
+    assert T.absolute_tracking_uri("mlruns", str(tmp_path)) == str(tmp_path / "mlruns")
+    assert T.absolute_tracking_uri("http://mlflow:5000", str(tmp_path)) == "http://mlflow:5000"
+
+
+def test_runs_of_trials_stopped_by_the_scheduler_are_settled(tmp_path):
+    """After the sweep, a run whose trial ASHA interrupted is KILLED and tagged; errors stay FAILED."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    names = {"a": "RUNNING", "b": "FAILED", "c": "FINISHED", "d": "RUNNING"}
+    ids = {}
+    for key, status in names.items():
+        run = client.create_run(exp, run_name=f"{T.TRAINABLE_NAME}_{key}", tags={MLFLOW_PARENT_RUN_ID: parent})
+        ids[key] = run.info.run_id
+        if status != "RUNNING":
+            client.set_terminated(ids[key], status=status)
+    grid = [SimpleNamespace(metrics={"trial_id": "a", "step": 5}, error=None, path="a"),
+            SimpleNamespace(metrics={"trial_id": "b", "step": 5}, error=RuntimeError("boom"), path="b"),
+            SimpleNamespace(metrics={"trial_id": "c", "step": 10}, error=None, path="c"),
+            SimpleNamespace(metrics={"trial_id": "d", "step": 10}, error=None, path="d"),
+            SimpleNamespace(metrics={}, error=RuntimeError("never reported"), path="e")]
+    ctx = T.TrialContext(base_config={}, fixed_overrides=[], parent_run_id=parent, tracking_uri=uri, experiment="e",
+                         sweep_name="s", metric="val/cluster_mIoU")
+    T.reconcile_runs(grid, ctx, num_steps=10)
+    runs = {k: client.get_run(v) for k, v in ids.items()}
+    assert runs["a"].info.status == "KILLED" and runs["a"].data.tags["sweep.early_stopped"] == "true"
+    assert runs["a"].data.tags["sweep.stopped_at_step"] == "5"
+    assert runs["b"].info.status == "FAILED" and "boom" in runs["b"].data.tags["error"]
+    assert runs["c"].info.status == "FINISHED" and "sweep.early_stopped" not in runs["c"].data.tags
+    assert runs["d"].info.status == "FINISHED", "a trial that ran every step is finished"
+
+
+def test_resume_needs_an_existing_sweep(tmp_path):
+    spec = T.parse_sweep({**minimal(**{"stego.lr": {"loguniform": [1e-4, 1e-2]}}), "storage_path": str(tmp_path)})
+    with pytest.raises(T.SweepError, match="nothing to resume"):
+        T.run_sweep(spec, resume=True)
+
+
+# ------------------------------------------------------------------------------ end-to-end sweep
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    from dist_seg.data.toy import generate_toy
+
+    root = tmp_path_factory.mktemp("data") / "toy"
+    # 8 samples per shard: enough shards for 2 ranks in the multi-worker test
+    generate_toy(root, num_train=32, num_val=16, num_classes=3, samples_per_shard=8)
+    return root
+
+
+def _children(tmp_path, experiment):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == 1, f"one parent run per sweep expected, got {len(parents)}"
+    return parents.iloc[0], runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
+
+
+@pytest.mark.slow
+def test_toy_sweep_tracks_every_trial_survives_a_failure_and_resumes(tmp_path, monkeypatch, capsys, toy_root,
+                                                                      ray_cluster):
+    """recipes/sweep_toy.yaml on 2 CPUs: 4 trials on the toy data plus one on a missing dataset."""
+    import shutil
+
+    from dist_seg import cli
+
+    monkeypatch.chdir(tmp_path)  # relative paths below resolve here, in the driver and in the trials
+    shutil.copytree(toy_root, "toy")
+    argv = ["sweep", str(SWEEP_TOY), "num_samples=1", f"recipe={REPO / 'recipes' / 'stego_toy.py'}",
+            "storage_path=ray", "tracking.uri=sqlite:///mlflow.db", "tracking.experiment=toy_sweep", "verbose=0",
+            # a grid over datasets: 4 trials on the toy data, one on a folder that does not exist
+            "params.data.root={grid: [toy, toy, toy, toy, no_such_dataset]}"]
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, f"the sweep must succeed although one trial fails:\n{out}\n{err[-3000:]}"
+
+    parent, children = _children(tmp_path, "toy_sweep")
+    assert parent["status"] == "FINISHED", parent
+    assert len(children) == 5, f"every trial must be a run nested under the sweep's run, got {len(children)}"
+    good = children[children["params.data.root"] == "toy"]
+    bad = children[children["params.data.root"] == "no_such_dataset"]
+    assert len(good) == 4 and len(set(good["params.stego.lr"])) == 4, "4 trials must train sampled values"
+    stopped = good["status"] == "KILLED"
+    assert (good["status"].isin(["FINISHED", "KILLED"])).all(), good[["status", "tags.error"]]
+    if stopped.any():  # whether ASHA stops one of 4 toy trials depends on their order of arrival
+        assert (good.loc[stopped, "tags.sweep.early_stopped"] == "true").all(), "ASHA stops are tagged"
+    assert (good["status"] == "FINISHED").any(), "ASHA keeps the best trial running to the end"
+    assert good["metrics.val/cluster_mIoU"].notna().all(), "every trial reports val/cluster_mIoU"
+    assert len(bad) == 1 and bad.iloc[0]["status"] == "FAILED", bad[["status"]]
+    assert "no dataset at" in bad.iloc[0]["tags.error"], bad.iloc[0]["tags.error"]
+
+    best = good.sort_values("metrics.val/cluster_mIoU", ascending=False).iloc[0]
+    assert f"val/cluster_mIoU = {best['metrics.val/cluster_mIoU']:.4f}" in out, out
+    line = next(row for row in out.splitlines() if row.startswith("best overrides: "))
+    assert "data.root=toy" in line, line
+    best_lr = float(re.search(r"stego\.lr=([0-9.e-]+)", line).group(1))
+    assert math.isclose(best_lr, float(best["params.stego.lr"]), rel_tol=1e-6), (line, best["params.stego.lr"])
+    assert parent["tags.sweep.best_overrides"] == line[len("best overrides: "):]
+
+    # --resume trains nothing twice; with --retry-failed the failed trial runs again once its data exists
+    shutil.copytree(toy_root, "no_such_dataset")
+    assert cli.main(argv + ["--resume", "--retry-failed"]) == 0, capsys.readouterr().out
+    _, children = _children(tmp_path, "toy_sweep")
+    retried = children[children["params.data.root"] == "no_such_dataset"]
+    assert sorted(retried["status"]) == ["FAILED", "FINISHED"], retried[["status"]]
+    assert len(children) == 6, "only the failed trial may run again on resume"
+
+
+@pytest.mark.slow
+def test_multi_worker_trial_runs_as_a_torch_trainer(tmp_path, monkeypatch, capsys, toy_root, ray_cluster):
+    """trial_workers=2: the trial is a Ray Train TorchTrainer over 2 gloo processes (CPU)."""
+    from dist_seg import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", str(SWEEP_TOY), "num_samples=1", "trial_workers=2", "scheduler.type=none",
+            f"recipe={REPO / 'recipes' / 'stego_toy.py'}", f"overrides+=data.root={toy_root}",
+            "storage_path=ray", "tracking.uri=sqlite:///mlflow.db", "tracking.experiment=workers", "verbose=0",
+            "budget.time_budget_s=240"]
+    assert cli.main(argv) == 0, capsys.readouterr().out
+    _, children = _children(tmp_path, "workers")
+    assert len(children) == 1 and children.iloc[0]["status"] == "FINISHED", children[["status", "tags.error"]]
+    assert children.iloc[0]["tags.world_size"] == "2", "the trial must train on 2 processes"
+    assert children.iloc[0]["metrics.val/cluster_mIoU"] > 0
+
+
+def test_metric_agreement_is_a_rank_correlation():
+    import pandas as pd
+
+    frame = pd.DataFrame({"val/label_free": [0.1, 0.3, 0.2, 0.5, None],
+                          "val/cluster_mIoU": [10.0, 35.0, 30.0, 90.0, 50.0]})
+    rho, n = T.metric_agreement(frame)
+    assert n == 4 and rho == pytest.approx(1.0), "monotone agreement must give rho = 1 over the 4 complete rows"
+    frame["val/cluster_mIoU"] = [90.0, 30.0, 35.0, 10.0, 50.0]
+    assert T.metric_agreement(frame)[0] == pytest.approx(-1.0)
+    assert T.metric_agreement(frame[["val/cluster_mIoU"]]) is None, "no label-free column, no agreement"
