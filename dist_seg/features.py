@@ -48,8 +48,12 @@ def _png_bytes(label: np.ndarray) -> bytes:
 
 @torch.no_grad()
 def extract_split(backbone, root: str | Path, split: str, cache: str | Path, *, res: int, batch_size: int,
-                  device: torch.device, autocast=None, num_workers: int = 0) -> dict:
-    """Write this rank's share of ``split``'s feature shards; return counts (written / skipped shards)."""
+                  device: torch.device, autocast=None, num_workers: int = 0, evaluation: bool = False) -> dict:
+    """Write this rank's share of ``split``'s feature shards; return counts (written / skipped shards).
+
+    With ``evaluation=True`` (validation splits, at ``eval_res``) each record also holds the features of
+    the horizontally flipped crop and the crop itself, which is all the evaluation protocol needs.
+    """
     import webdataset as wds
 
     from dist_seg.data.manifest import read_manifest
@@ -76,18 +80,23 @@ def extract_split(backbone, root: str | Path, split: str, cache: str | Path, *, 
                 images = batch["image"].to(device)
                 with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
                     feats = backbone.patch_features(images).float()
+                    flipped = backbone.patch_features(images.flip(-1)).float() if evaluation else None
                 gap = torch.nn.functional.normalize(feats.mean(dim=(2, 3)), dim=1, eps=1e-10)
                 labels = batch["label"].clone()
                 labels[labels < 0] = 255
                 for j in range(images.shape[0]):
                     index = int(batch["index"][j])
-                    sink.write({
+                    record = {
                         "__key__": f"{index:09d}",
                         "feat.npy": feats[j].half().cpu().numpy(),
                         "gap.npy": gap[j].cpu().numpy().astype(np.float32),
                         "label.png": _png_bytes(labels[j].numpy()),
                         "json": json.dumps({"index": index}).encode(),
-                    })
+                    }
+                    if evaluation:
+                        record["feat_flip.npy"] = flipped[j].half().cpu().numpy()
+                        record["png"] = _png_bytes(batch["image"][j].permute(1, 2, 0).numpy())
+                    sink.write(record)
                     samples += 1
         os.replace(tmp, target)
         written += 1
@@ -120,9 +129,11 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
         for split in splits:
             if split not in manifest.splits:
                 raise ValueError(f"{cfg.data.root} has no split '{split}' (it has {sorted(manifest.splits)})")
-            counts = extract_split(backbone, cfg.data.root, split, cache_dir, res=cfg.data.res,
+            evaluation = split == cfg.data.val_split
+            counts = extract_split(backbone, cfg.data.root, split, cache_dir,
+                                   res=cfg.data.eval_res if evaluation else cfg.data.res,
                                    batch_size=max(1, cfg.data.batch_size // accelerator.num_processes),
-                                   device=accelerator.device, autocast=accelerator.autocast)
+                                   device=accelerator.device, autocast=accelerator.autocast, evaluation=evaluation)
             log.info("rank %d: split %s: %s", accelerator.process_index, split, counts)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -163,7 +174,9 @@ def _write_cache_manifest(cache_dir: Path, manifest, splits: list[str], provenan
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe file or name (dataset, backbone, resolution)")
-    parser.add_argument("--splits", nargs="+", default=None, help="splits to extract (default: the training split)")
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="splits to extract (default: the training split; add the validation split, e.g. "
+                             "`--splits train val`, to evaluate from the cache too)")
     parser.add_argument("--cache", default=None, help="cache folder (default: <data.root>/features/<backbone>_<res>)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 

@@ -79,6 +79,7 @@ class DataInfo:
     num_train: int
     cache: Optional[str]
     feat_dim: Optional[int]
+    val_cached: bool = False
 
 
 def read_data_info(cfg: RunConfig) -> DataInfo:
@@ -98,15 +99,16 @@ def read_data_info(cfg: RunConfig) -> DataInfo:
         raise ConfigError(f"{cfg.data.root} has no classes in its manifest: set num_classes=K (the number of clusters)")
     train = manifest.splits[cfg.data.train_split]
     val = manifest.splits.get(cfg.data.val_split)
-    cache, feat_dim = None, None
+    cache, feat_dim, val_cached = None, None, False
     if cfg.train.mode == "cached":
         cache = cfg.data.feature_cache or default_cache_dir(cfg)
         feat_dim = check_feature_cache(cfg, cache)
+        val_cached = val is not None and cfg.data.val_split in read_manifest(cache).splits
     return DataInfo(root=cfg.data.root, num_classes=num_classes, class_names=manifest.class_names,
                     colors=manifest.colors, has_train_labels=train.has_labels,
                     has_val=val is not None, has_val_labels=val is not None and val.has_labels,
                     num_train=train.num_samples,
-                    cache=cache, feat_dim=feat_dim)
+                    cache=cache, feat_dim=feat_dim, val_cached=val_cached)
 
 
 def default_cache_dir(cfg: RunConfig) -> str:
@@ -215,7 +217,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)
         self.info = read_data_info(cfg)
         self.backbone = None
-        if cfg.train.mode == "online" or self.info.has_val:
+        if cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached):
             from dist_seg.backbones import load_backbone
 
             self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
@@ -290,8 +292,8 @@ class Trainer:
     def _loader(self, split: str, *, infinite: bool, shuffle: bool, start_batch: int = 0, val: bool = False):
         from dist_seg.data.shards import make_loader
 
-        # Validation always runs the backbone on the images: it needs flipped views and full resolution.
-        cached = self.cfg.train.mode == "cached" and not val
+        # Validation reads the cache only when it holds the validation split (flipped views at eval_res).
+        cached = self.cfg.train.mode == "cached" and (not val or self.info.val_cached)
         return make_loader(
             self.info.cache if cached else self.cfg.data.root, split,
             batch_size=self.local_batch, res=self.cfg.data.eval_res if val else self.cfg.data.res,
@@ -392,14 +394,18 @@ class Trainer:
     def validate(self, *, num_overlays: int = 0, crf: Optional[bool] = None) -> Optional[dict]:
         if not self.info.has_val:
             return None
-        from dist_seg.eval.evaluate import backbone_feature_fn, evaluate
+        from dist_seg.eval.evaluate import backbone_feature_fn, cached_feature_fn, evaluate
 
         loader, _ = self._loader(self.cfg.data.val_split, infinite=False, shuffle=False, val=True)
+        if self.info.val_cached:
+            feature_fn = cached_feature_fn(self.device)
+        else:
+            feature_fn = backbone_feature_fn(self.backbone, self.device, self.accelerator.autocast)
         batches = loader
         if self.cfg.data.max_val_samples:
             limit = max(1, self.cfg.data.max_val_samples // self.cfg.data.batch_size)
             batches = (b for i, b in zip(range(limit), loader))
-        return evaluate(self.unwrapped, batches, backbone_feature_fn(self.backbone, self.device, self.accelerator.autocast),
+        return evaluate(self.unwrapped, batches, feature_fn,
                         num_classes=self.info.num_classes, device=self.device, flip_tta=self.cfg.eval.flip_tta,
                         has_labels=self.info.has_val_labels,
                         crf=self.cfg.eval.crf if crf is None else crf, crf_workers=self.cfg.eval.crf_workers,

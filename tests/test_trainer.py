@@ -132,7 +132,7 @@ def test_cached_features_match_online(toy_root, tmp_path):
     base = load_recipe(RECIPE)()
     cfg = merge(base, overrides=small(toy_root, tmp_path / "run", f"data.feature_cache={tmp_path / 'cache'}",
                                       "tracking.enabled=false"))
-    cache = extract(cfg)
+    cache = extract(cfg, splits=["train", "val"])
     backbone = load_backbone("toy")
     online, _ = make_loader(toy_root, "train", batch_size=8, res=cfg.data.res, num_workers=0, shuffle=False,
                             infinite=False)
@@ -161,6 +161,15 @@ def test_cached_features_match_online(toy_root, tmp_path):
     assert result["step"] == 3 and result["metrics"]["cluster_mIoU"] > 0
     with pytest.raises(ConfigError, match="res"):
         Trainer(merge(cfg, overrides=["train.mode=cached", "data.res=56"]))
+
+    # Evaluation from the cache (flipped views stored at eval_res) needs no backbone and agrees with online.
+    cached_trainer = Trainer(merge(cfg, overrides=["train.mode=cached", "train.resume=false"]))
+    assert cached_trainer.backbone is None and cached_trainer.info.val_cached
+    online_trainer = Trainer(merge(cfg, overrides=["train.resume=false"]))
+    online_trainer.unwrapped.load_state_dict(cached_trainer.unwrapped.state_dict())
+    from_cache, from_images = cached_trainer.validate(), online_trainer.validate()
+    for kind in ("cluster", "linear"):
+        assert abs(from_cache[kind]["Acc"] - from_images[kind]["Acc"]) < 0.5, (kind, from_cache[kind], from_images[kind])
 
 
 def test_missing_dataset_names_prepare_command(tmp_path):

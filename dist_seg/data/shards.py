@@ -475,7 +475,8 @@ class RecordDecoder:
     ``decode="image"``: ``image`` uint8 ``[3, res, res]`` (minor side resized to ``res``, centre crop),
     ``label`` int64 ``[res, res]`` (-1 = ignore; all -1 without labels), ``index`` int64.
     ``decode="features"``: ``feat`` float32 ``[C, h, w]``, ``gap`` float32 ``[C]``, ``label`` int64 at
-    its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``.
+    its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``; validation
+    caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop).
     """
 
     def __init__(self, *, decode: str = "image", res: int | None = None) -> None:
@@ -487,7 +488,7 @@ class RecordDecoder:
         self.res = res
         self._decoder = wds.Decoder(
             [wds.handle_extension("label.png", decode_label_png), wds.imagehandler("rgb8")],
-            only=["jpg", "png", "label.png", "feat.npy", "gap.npy"],
+            only=["jpg", "png", "label.png", "feat.npy", "gap.npy", "feat_flip.npy"],
             partial=True,
         )
 
@@ -522,6 +523,14 @@ class RecordDecoder:
             out["gap"] = torch.from_numpy(np.array(gap, dtype=np.float32))
             shape = tuple(meta.get("label_shape") or out["feat"].shape[-2:])
             out["label"] = T.label_to_tensor(label, shape)
+            # Validation caches also hold the flipped view's features and the crop itself (CRF, overlays).
+            flipped = sample.get("feat_flip.npy")
+            if flipped is not None:
+                out["feat_flip"] = torch.from_numpy(np.array(flipped, dtype=np.float32))
+            image = sample.get("png", sample.get("jpg"))
+            if image is not None:
+                image = np.require(image, dtype=np.uint8, requirements=["C", "W"])
+                out["image"] = torch.from_numpy(image).permute(2, 0, 1)
         return out
 
 

@@ -1,0 +1,956 @@
+"""Exact k-nearest-neighbour tables of global image descriptors (SPEC §2, STEGO §3.3).
+
+Similarity is the cosine: the inner product of L2-normalised vectors. "Exact" means equal to a float64
+brute force: the same indices, rows sorted by decreasing similarity, ties broken towards the lower
+key index.
+
+How exactness survives fast float32 arithmetic: a backend (chunked torch matmul, faiss CPU or GPU)
+proposes ``K = k + margin`` candidates per query from float32 scores. Float32 and float64 cosines of
+the same pair differ by less than ``delta = (3d + 16) * 2**-24`` (a worst-case rounding bound for
+d-term dot products and the normalisation), and every key left out scored at most the K-th candidate's
+``c_K``. With ``c_k`` the k-th candidate score, the true k-th similarity is at least ``c_k - delta``,
+so if ``c_K < c_k - 2 delta`` no left-out key can reach the top k and the row is certified; rows that
+fail (heavy ties, many duplicates) are recomputed by a float64 brute force over all keys. Among the
+candidates, only those within ``2 delta`` of a neighbour in the float32 order (near-ties, duplicates)
+can be out of order; they alone are re-scored in float64 (elementwise, so duplicates tie exactly) and
+everything is sorted with the tie rule. The returned similarities are those scores: float64 values
+for re-scored pairs, float32 ones (within ``delta``, typically ~1e-7) for the others. Nothing ever
+builds the full N×N matrix.
+
+The torch backend computes blocks ``Q_chunk @ K_blockᵀ`` and keeps a running top-K per query. Within
+a block it first takes the maximum of each group of ``GROUP`` consecutive columns, keeps the K groups
+with the largest maxima (the K-th largest group maximum is a lower bound of the K-th largest entry,
+so no top-K entry lives in another group) and runs ``topk`` only on those ``K * GROUP`` entries. This
+replaces a full ``topk`` over every row (about 1.3 ns per entry on a 2-core CPU, a third of the
+matmul's time at d=384) with a max-reduction that runs at memory speed. When the queries are the keys
+(the table of a whole split on one process), the score matrix is symmetric and only the blocks on and
+above the diagonal are multiplied, each serving its rows and, transposed, its columns: half the flops
+(:func:`_symmetric_candidates`).
+
+Cross-rank: :func:`distributed_knn` gathers every rank's descriptors (rank order = global index
+order), computes this rank's rows and gathers the rows back, so every rank holds the full table,
+identical to a one-process computation.
+
+Command line: ``dist-seg knn`` computes GAP descriptors (from the feature cache or from image shards
+and the frozen backbone), the table, and saves it with its provenance (:func:`save_knn_table`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dist_seg import distributed as D
+
+__all__ = [
+    "DEFAULT_K",
+    "KnnTableError",
+    "build_knn_table",
+    "compute_descriptors",
+    "configure_parser",
+    "distributed_knn",
+    "ensure_knn_table",
+    "knn",
+    "load_knn_table",
+    "run",
+    "save_knn_table",
+    "table_path",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 30
+BACKENDS = ("auto", "torch", "faiss", "faiss-gpu")
+GROUP = 64  # columns per group in the block pre-selection
+TABLE_FORMAT = "dist_seg-knn-v1"
+_UNIT_ROUNDOFF_FP32 = 2.0**-24
+
+
+class KnnTableError(ValueError):
+    """A stored KNN table is missing, malformed, or was computed for other data / another backbone."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return F.normalize(x.to(dtype), dim=-1, eps=1e-10)
+
+
+def _float32_error_bound(dim: int) -> float:
+    """Upper bound of |float32 cosine - float64 cosine| for unit vectors of ``dim`` components."""
+    return (3 * dim + 16) * _UNIT_ROUNDOFF_FP32
+
+
+@contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    # TF32 / bf16 matmuls (allowed by "high"/"medium") would void the float32 error bound.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _default_budget(device: torch.device) -> int:
+    """Bytes for one float32 score block."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(2 << 30, free // 4))
+    return 256 << 20
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - faiss-cpu is a dependency
+        raise ImportError("the faiss backends need faiss: pip install faiss-cpu (or faiss-gpu-cu12)") from err
+    return faiss
+
+
+def _has_faiss_gpu() -> bool:
+    try:
+        faiss = _faiss()
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "faiss-gpu" if _has_faiss_gpu() else "torch"
+        return "torch"
+    if backend == "faiss-gpu" and not _has_faiss_gpu():
+        raise ValueError("backend 'faiss-gpu' needs a faiss build with GPU support and a visible GPU "
+                         "(pip install faiss-gpu-cu12); use backend='torch' or 'faiss' instead")
+    return backend
+
+
+# --------------------------------------------------------------------------------- candidate search
+def _block_topk(scores: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``num`` values and column indices of each row of ``scores`` [c, w] (sorted, descending).
+
+    Every entry not returned is <= the smallest returned value of its row.
+    """
+    rows, width = scores.shape
+    groups = width // GROUP
+    if groups < 4 * num:
+        return scores.topk(min(num, width), dim=1)
+    main = scores[:, : groups * GROUP].view(rows, groups, GROUP)
+    best_groups = main.amax(dim=2).topk(num, dim=1, sorted=False).indices
+    pool = main.gather(1, best_groups.unsqueeze(2).expand(rows, num, GROUP)).reshape(rows, num * GROUP)
+    offsets = torch.arange(GROUP, device=scores.device)
+    cols = (best_groups.unsqueeze(2) * GROUP + offsets).reshape(rows, num * GROUP)
+    if groups * GROUP < width:  # the ragged tail is small: keep all of it in the pool
+        tail = torch.arange(groups * GROUP, width, device=scores.device)
+        pool = torch.cat([pool, scores[:, groups * GROUP :]], dim=1)
+        cols = torch.cat([cols, tail.expand(rows, -1)], dim=1)
+    values, where = pool.topk(num, dim=1)
+    return values, cols.gather(1, where)
+
+
+def _same_rows(queries: torch.Tensor, keys: torch.Tensor, query_offset: int) -> bool:
+    """Whether the queries are the keys themselves (then the score matrix is symmetric)."""
+    if queries.shape != keys.shape or query_offset != 0 or queries.dtype != keys.dtype:
+        return False
+    same_memory = queries.data_ptr() == keys.data_ptr() and queries.stride() == keys.stride()
+    return same_memory or bool(torch.equal(queries, keys))
+
+
+def _plan(num_queries: int, num_keys: int, budget: int, chunk_size: Optional[int]) -> tuple[int, int]:
+    """Rows per query chunk and columns per key block, with rows * cols * 4 bytes <= budget."""
+    floats = max(budget // 4, 4096)
+    if chunk_size is not None:
+        rows = max(1, int(chunk_size))
+    else:
+        # Full-width rows when at least 256 of them fit; otherwise 1024-row chunks over key blocks.
+        rows = floats // max(num_keys, 1)
+        rows = min(1024, floats // 4096) if rows < 256 else min(rows, 4096)
+    rows = max(1, min(rows, num_queries))
+    cols = min(num_keys, max(floats // rows, 256))
+    return rows, cols
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` written into the front of a flat preallocated buffer (no allocation per block)."""
+    out = buffer[: a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0])
+    return torch.mm(a, b.T, out=out)
+
+
+def _torch_candidates(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num: int,
+    *,
+    self_offset: Optional[int],
+    chunk_size: Optional[int],
+    memory_budget: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 top-``num`` candidates per query: (values [Nq, num] descending, indices [Nq, num])."""
+    nq, nk = queries.shape[0], keys.shape[0]
+    device = queries.device
+    budget = memory_budget or _default_budget(device)
+    rows, cols = _plan(nq, nk, budget, chunk_size)
+    out_values = torch.empty((nq, num), dtype=torch.float32, device=device)
+    out_index = torch.empty((nq, num), dtype=torch.long, device=device)
+    buffer = torch.empty(rows * cols, dtype=torch.float32, device=device)
+    with _full_precision_matmul():
+        for q0 in range(0, nq, rows):
+            q1 = min(q0 + rows, nq)
+            chunk = queries[q0:q1]
+            best_values = best_index = None
+            for k0 in range(0, nk, cols):
+                k1 = min(k0 + cols, nk)
+                scores = _product(chunk, keys[k0:k1], buffer)
+                if self_offset is not None:
+                    # Query i is key self_offset + i: mask it where it falls in this key block.
+                    own = torch.arange(q0, q1, device=device) + self_offset
+                    hit = (own >= k0) & (own < k1)
+                    scores[hit.nonzero().squeeze(1), own[hit] - k0] = float("-inf")
+                values, index = _block_topk(scores, num)
+                index = index + k0
+                if best_values is None:
+                    best_values, best_index = values, index
+                else:
+                    merged_values = torch.cat([best_values, values], dim=1)
+                    merged_index = torch.cat([best_index, index], dim=1)
+                    best_values, where = merged_values.topk(min(num, merged_values.shape[1]), dim=1)
+                    best_index = merged_index.gather(1, where)
+            out_values[q0:q1] = best_values
+            out_index[q0:q1] = best_index
+    return out_values, out_index
+
+
+def _merge_dense(best_v: torch.Tensor, best_i: torch.Tensor, row0: int, values: torch.Tensor,
+                 index: torch.Tensor) -> None:
+    """Merge candidate lists ``[r, m]`` into the running top lists of rows ``row0 .. row0 + r``."""
+    rows = slice(row0, row0 + values.shape[0])
+    merged_v = torch.cat([best_v[rows], values], dim=1)
+    merged_i = torch.cat([best_i[rows], index], dim=1)
+    best_v[rows], where = merged_v.topk(best_v.shape[1], dim=1)
+    best_i[rows] = merged_i.gather(1, where)
+
+
+def _merge_sparse(best_v: torch.Tensor, best_i: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                  index: torch.Tensor) -> None:
+    """Merge scattered candidates (row, value, key index) into the running top lists of their rows."""
+    if rows.numel() == 0:
+        return
+    uniq, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    inverse = inverse[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[inverse]
+    pad_v = torch.full((uniq.numel(), int(counts.max())), float("-inf"), device=values.device)
+    pad_i = torch.full_like(pad_v, -1, dtype=torch.long)
+    pad_v[inverse, slot] = values[order]
+    pad_i[inverse, slot] = index[order]
+    merged_v = torch.cat([best_v[uniq], pad_v], dim=1)
+    merged_i = torch.cat([best_i[uniq], pad_i], dim=1)
+    top_v, where = merged_v.topk(best_v.shape[1], dim=1)
+    best_v[uniq], best_i[uniq] = top_v, merged_i.gather(1, where)
+
+
+def _above_threshold(scores: torch.Tensor, tau: torch.Tensor, *, dim: int) -> tuple[torch.Tensor, ...]:
+    """Entries of ``scores`` [r, c] above the threshold of their row (``dim=1``, ``tau`` [r]) or of their
+    column (``dim=0``, ``tau`` [c]).
+
+    Returns ``(owner, other, value)``: the row (or column) whose threshold was passed, the index along
+    the other dimension and the score. The maximum of each group of ``GROUP`` consecutive entries along
+    ``dim`` is compared first (a contiguous reduction in both layouts), so only the few groups that can
+    hold a candidate are read again.
+    """
+    length = scores.shape[dim]
+    groups = length // GROUP
+    cut = groups * GROUP
+    owners, others, values = [], [], []
+    if groups:
+        if dim == 1:
+            grouped = scores[:, :cut].unflatten(1, (groups, GROUP))  # [r, G, GROUP]
+            own, grp = (grouped.amax(dim=2) > tau.unsqueeze(1)).nonzero(as_tuple=True)
+            block = grouped[own, grp]  # [P, GROUP]
+        else:
+            grouped = scores[:cut].unflatten(0, (groups, GROUP))  # [G, GROUP, c]
+            grp, own = (grouped.amax(dim=1) > tau.unsqueeze(0)).nonzero(as_tuple=True)
+            block = grouped[grp, :, own]  # [P, GROUP]
+        hit, offset = (block > tau[own].unsqueeze(1)).nonzero(as_tuple=True)
+        owners.append(own[hit])
+        others.append(grp[hit] * GROUP + offset)
+        values.append(block[hit, offset])
+    if cut < length:
+        tail = scores[:, cut:] if dim == 1 else scores[cut:].T
+        own, other = (tail > tau.unsqueeze(1)).nonzero(as_tuple=True)
+        owners.append(own)
+        others.append(other + cut)
+        values.append(tail[own, other])
+    if not owners:
+        empty = torch.empty(0, dtype=torch.long, device=scores.device)
+        return empty, empty, torch.empty(0, device=scores.device)
+    return torch.cat(owners), torch.cat(others), torch.cat(values)
+
+
+def _symmetric_candidates(
+    x: torch.Tensor, num: int, *, exclude_self: bool, memory_budget: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 top-``num`` candidates of every row of ``x`` among the rows of ``x`` (queries = keys).
+
+    The score matrix is symmetric, so only blocks on and above the diagonal are multiplied (half the
+    flops of the general search); each off-diagonal block serves its rows and, transposed, its columns.
+    Diagonal blocks come first and give every row a threshold (its current ``num``-th best score); later
+    blocks only contribute entries above the threshold of their row (or column), found through group
+    maxima. Every entry left out is at most the final ``num``-th value of its row, as required by
+    :func:`_exact_from_candidates`.
+    """
+    n = x.shape[0]
+    device = x.device
+    budget = memory_budget or _default_budget(device)
+    side = max(num + 1, 2 * GROUP, int(math.isqrt(max(budget // 4, 1))))
+    best_v = torch.full((n, num), float("-inf"), device=device)
+    best_i = torch.full((n, num), -1, dtype=torch.long, device=device)
+    starts = list(range(0, n, side))
+    buffer = torch.empty(min(side, n) ** 2, dtype=torch.float32, device=device)
+    with _full_precision_matmul():
+        for a in starts:
+            a1 = min(a + side, n)
+            scores = _product(x[a:a1], x[a:a1], buffer)
+            if exclude_self:
+                scores.diagonal().fill_(float("-inf"))
+            values, index = _block_topk(scores, min(num, a1 - a))
+            _merge_dense(best_v, best_i, a, values, index + a)
+        for pos, a in enumerate(starts):
+            a1 = min(a + side, n)
+            for b in starts[pos + 1 :]:
+                b1 = min(b + side, n)
+                scores = _product(x[a:a1], x[b:b1], buffer)
+                # Thresholds are read before either update: both sides see the same block.
+                tau_a, tau_b = best_v[a:a1, -1].clone(), best_v[b:b1, -1].clone()
+                own, other, value = _above_threshold(scores, tau_a, dim=1)
+                _merge_sparse(best_v, best_i, own + a, value, other + b)
+                own, other, value = _above_threshold(scores, tau_b, dim=0)
+                _merge_sparse(best_v, best_i, own + b, value, other + a)
+    return best_v, best_i
+
+
+_GPU_RESOURCES = None
+
+
+def _faiss_candidates(
+    queries: torch.Tensor, keys: torch.Tensor, num: int, *, gpu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 top-``num`` candidates from faiss' exact inner-product search (no index is built)."""
+    faiss = _faiss()
+    if gpu:
+        import faiss.contrib.torch_utils  # noqa: F401  (lets faiss.knn_gpu take torch CUDA tensors)
+
+        global _GPU_RESOURCES
+        if _GPU_RESOURCES is None:
+            _GPU_RESOURCES = faiss.StandardGpuResources()
+        device = queries.device if queries.is_cuda else torch.device("cuda")
+        with _full_precision_matmul():
+            values, index = faiss.knn_gpu(
+                _GPU_RESOURCES, queries.to(device).contiguous(), keys.to(device).contiguous(), num,
+                metric=faiss.METRIC_INNER_PRODUCT,
+            )
+        return values.to(queries.device), index.to(queries.device).long()
+    values, index = faiss.knn(
+        np.ascontiguousarray(queries.cpu().numpy()), np.ascontiguousarray(keys.cpu().numpy()), num,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
+    return torch.from_numpy(values).to(queries.device), torch.from_numpy(index).to(queries.device)
+
+
+# ------------------------------------------------------------------------------------- exact rescoring
+def _float64_pair_scores(queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                         chunk: int = 1 << 13) -> torch.Tensor:
+    """float64 cosine ``<q, k> / (|q| |k|)`` of the pairs (queries[rows], keys[cols]).
+
+    Elementwise products summed over d (not a matmul), so a pair with a duplicate key gives a
+    bit-identical score and exact ties are decided by the index alone.
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=queries.device)
+    for p0 in range(0, rows.shape[0], chunk):
+        q = queries.index_select(0, rows[p0 : p0 + chunk]).double()
+        k = keys.index_select(0, cols[p0 : p0 + chunk]).double()
+        norms = (q * q).sum(dim=1).sqrt().clamp_min(1e-10) * (k * k).sum(dim=1).sqrt().clamp_min(1e-10)
+        out[p0 : p0 + chunk] = (q * k).sum(dim=1) / norms
+    return out
+
+
+def _sort_with_ties(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First ``k`` of each row by decreasing score, equal scores by increasing index."""
+    index, order = index.sort(dim=1)
+    scores = scores.gather(1, order)
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    return scores[:, :k], index.gather(1, order[:, :k])
+
+
+def _brute_force_rows(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, self_index: Optional[torch.Tensor], budget: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 brute force over all keys for the few queries the candidate test could not certify.
+
+    Scores are elementwise products summed over d (not a matmul), so duplicate keys score bit-identically
+    and ties are resolved by index alone.
+    """
+    nq, nk = queries.shape[0], keys.shape[0]
+    dim = keys.shape[1]
+    out_s = torch.empty((nq, k), dtype=torch.float64, device=queries.device)
+    out_i = torch.empty((nq, k), dtype=torch.long, device=queries.device)
+    rows = max(1, min(64, budget // (8 * nk)))
+    q64 = _normalize(queries, torch.float64)
+    for r0 in range(0, nq, rows):
+        r1 = min(r0 + rows, nq)
+        q = q64[r0:r1].unsqueeze(1)
+        step = max(1, (64 << 20) // (8 * dim * (r1 - r0)))
+        scores = torch.cat(
+            [(_normalize(keys[j : j + step], torch.float64).unsqueeze(0) * q).sum(dim=-1) for j in range(0, nk, step)],
+            dim=1,
+        )
+        if self_index is not None:
+            scores[torch.arange(r1 - r0, device=scores.device), self_index[r0:r1]] = float("-inf")
+        thresholds = scores.topk(k, dim=1).values[:, -1]
+        for r in range(r1 - r0):
+            cols = (scores[r] >= thresholds[r]).nonzero().squeeze(1)  # all keys tied with the k-th, by index
+            values, order = scores[r, cols].sort(descending=True, stable=True)
+            out_s[r0 + r], out_i[r0 + r] = values[:k], cols[order[:k]]
+    return out_s, out_i
+
+
+def _exact_from_candidates(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    cand_values: torch.Tensor,
+    cand_index: torch.Tensor,
+    bound: torch.Tensor,
+    k: int,
+    *,
+    self_offset: Optional[int],
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Exact top-k from float32 candidates.
+
+    Args:
+        cand_values, cand_index: ``[Nq, num]`` float32 candidates sorted by decreasing value, self removed.
+        bound: ``[Nq]`` upper bound of the float32 score of every key that is neither a candidate nor
+            the query itself (``-inf`` when all keys are candidates).
+
+    Float32 and float64 scores differ by at most ``delta``. With ``c_k`` the k-th candidate value, the
+    true k-th similarity is >= ``c_k - delta``, so only the prefix of candidates with
+    ``c_i >= c_k - 2 delta`` can be in the top k, and a row is certified when ``bound < c_k - 2 delta``
+    (uncertified rows are recomputed by brute force). Inside the prefix, a candidate more than
+    ``2 delta`` away from both its neighbours in the float32 order already sits at its true rank; only
+    candidates closer than that to a neighbour (near-ties, duplicates) are re-scored in float64. Sorting
+    the mix of float32 and float64 values then gives the float64 order, and exact ties go to the lower
+    index.
+
+    Returns:
+        (similarities float32 [Nq, k], indices int64 [Nq, k], counters).
+    """
+    delta = _float32_error_bound(queries.shape[1])
+    scores = cand_values.double()
+    threshold = scores[:, k - 1] - 2 * delta
+    certified = bound.double() < threshold
+    width = int((scores >= threshold.unsqueeze(1)).sum(dim=1).max())
+    scores, cand = scores[:, :width].contiguous(), cand_index[:, :width]
+    close = (scores[:, :-1] - scores[:, 1:]) <= 2 * delta
+    ambiguous = torch.zeros_like(scores, dtype=torch.bool)
+    ambiguous[:, :-1] |= close
+    ambiguous[:, 1:] |= close
+    ambiguous &= scores >= threshold.unsqueeze(1)
+    rows, cols = ambiguous.nonzero(as_tuple=True)
+    scores[rows, cols] = _float64_pair_scores(queries, keys, rows, cand[rows, cols])
+    sims, index = _sort_with_ties(scores, cand, k)
+    counters = {"rescored_pairs": int(rows.numel()), "brute_force_rows": 0}
+    bad = (~certified).nonzero().squeeze(1)
+    if bad.numel():
+        counters["brute_force_rows"] = int(bad.numel())
+        self_index = None if self_offset is None else bad + self_offset
+        s, i = _brute_force_rows(queries[bad], keys, k, self_index, budget)
+        sims[bad], index[bad] = s, i
+    return sims.float(), index, counters
+
+
+# -------------------------------------------------------------------------------------------- public
+def knn(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    *,
+    exclude_self: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    query_offset: int = 0,
+    margin: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    return_stats: bool = False,
+):
+    """Exact top-``k`` keys of each query by cosine similarity.
+
+    Args:
+        queries: ``[Nq, d]`` (any float dtype; normalised here).
+        keys: ``[Nk, d]``, same device as ``queries``.
+        k: neighbours per query.
+        exclude_self: query ``i`` is key ``query_offset + i`` and is never its own neighbour.
+        backend: ``"torch"`` (chunked matmul, CPU or CUDA), ``"faiss"`` (CPU), ``"faiss-gpu"``, or
+            ``"auto"`` (faiss-gpu for CUDA tensors when available, else torch).
+        chunk_size: queries per block for the torch backend (default: chosen from ``memory_budget``).
+        query_offset: global index of query 0 among the keys (used with ``exclude_self``).
+        margin: extra float32 candidates per query (default ``max(16, k)``); rows with more ties than
+            that at the k-th place are recomputed by brute force, still exactly.
+        memory_budget: bytes for one float32 score block of the torch backend (default 256 MiB on CPU,
+            up to 2 GiB on CUDA).
+        return_stats: also return a dict with timings and the number of brute-force rows.
+
+    Returns:
+        ``(similarities, indices)``: float32 ``[Nq, k]`` sorted by decreasing similarity (accurate to the
+        float32 rounding bound, about 1e-7 in practice) and int64 ``[Nq, k]`` key indices, equal to a
+        float64 brute force with ties broken towards the lower index; plus the stats dict if asked.
+
+    Raises:
+        ValueError: bad shapes, non-finite values, ``k`` larger than the available keys, unknown backend.
+    """
+    if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries [Nq, d] and keys [Nk, d] must share d; got {tuple(queries.shape)} and "
+                         f"{tuple(keys.shape)}")
+    nq, nk = queries.shape[0], keys.shape[0]
+    available = nk - (1 if exclude_self else 0)
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} must be between 1 and the number of candidate keys ({available})")
+    if exclude_self and not 0 <= query_offset <= nk - nq:
+        raise ValueError(f"exclude_self: queries {query_offset}..{query_offset + nq - 1} are not all keys (Nk={nk})")
+    if keys.device != queries.device:
+        raise ValueError(f"queries on {queries.device} but keys on {keys.device}")
+    device = queries.device
+    backend = _resolve_backend(backend, device)
+    stats: dict[str, Any] = {"backend": backend}
+    if nq == 0:
+        empty = (torch.empty((0, k), device=device), torch.empty((0, k), dtype=torch.long, device=device))
+        return (*empty, stats) if return_stats else empty
+
+    num = min(k + (max(16, k) if margin is None else int(margin)), available)
+    self_offset = query_offset if exclude_self else None
+    budget = memory_budget or _default_budget(device)
+    start = time.perf_counter()
+    q32, k32 = _normalize(queries, torch.float32), _normalize(keys, torch.float32)
+    for name, unit in (("queries", q32), ("keys", k32)):
+        # Unit rows cannot overflow a sum, so one reduction finds any NaN/inf the input had.
+        if not bool(torch.isfinite(unit.sum())):
+            raise ValueError(f"{name} contain NaN or infinite values; check the descriptors")
+    symmetric = backend == "torch" and _same_rows(queries, keys, query_offset) and chunk_size is None
+    stats["symmetric"] = symmetric
+    if symmetric:
+        values, index = _symmetric_candidates(k32, num, exclude_self=exclude_self, memory_budget=memory_budget)
+        bound = values[:, -1].clone()
+    elif backend == "torch":
+        values, index = _torch_candidates(
+            q32, k32, num, self_offset=self_offset, chunk_size=chunk_size, memory_budget=memory_budget
+        )
+        # Self was masked to -inf and never outranks a real key (num <= available keys).
+        bound = values[:, -1].clone()
+    else:
+        # faiss cannot mask the diagonal: ask for one more, then drop self (or the last one if self is absent).
+        extra = 1 if exclude_self else 0
+        values, index = _faiss_candidates(q32, k32, num + extra, gpu=backend == "faiss-gpu")
+        bound = values[:, -1].clone()
+        if exclude_self:
+            drop = index == (torch.arange(nq, device=device) + query_offset).unsqueeze(1)
+            drop[:, -1] |= ~drop.any(dim=1)
+            values, index = values[~drop].view(nq, num), index[~drop].view(nq, num)
+    if num == available:
+        bound.fill_(float("-inf"))  # every key is a candidate
+    del q32, k32
+    stats["candidates_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sims, index, counters = _exact_from_candidates(
+        queries, keys, values, index, bound, k, self_offset=self_offset, budget=budget
+    )
+    stats.update(rescore_s=time.perf_counter() - start, candidates=num, **counters)
+    return (sims, index, stats) if return_stats else (sims, index)
+
+
+def distributed_knn(
+    local_descriptors: torch.Tensor,
+    k: int,
+    *,
+    exclude_self: bool = True,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KNN table of descriptors spread over ranks, identical on every rank to a one-process run.
+
+    Args:
+        local_descriptors: this rank's contiguous slice ``[n_r, d]`` of the global descriptor matrix;
+            rank 0 holds the first rows, rank 1 the next, and so on (slices may differ in length).
+        k: neighbours per sample.
+        exclude_self: a sample is never its own neighbour.
+        backend, chunk_size: as in :func:`knn`.
+
+    Returns:
+        ``(similarities [N, k] float32, indices [N, k] int64)`` for all N samples, on every rank.
+    """
+    count = torch.tensor([local_descriptors.shape[0]], dtype=torch.long, device=local_descriptors.device)
+    counts = D.all_gather(count)
+    offset = int(counts[: D.get_rank()].sum())
+    keys = D.all_gather_variable(local_descriptors.contiguous())
+    sims, index = knn(local_descriptors, keys, k, exclude_self=exclude_self, backend=backend,
+                      chunk_size=chunk_size, query_offset=offset)
+    return D.all_gather_variable(sims.contiguous()), D.all_gather_variable(index.contiguous())
+
+
+# --------------------------------------------------------------------------------------------- files
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def save_knn_table(
+    path: Union[str, os.PathLike], sims: torch.Tensor, indices: torch.Tensor, *, provenance: Mapping[str, Any]
+) -> Path:
+    """Write a KNN table and what it was computed from to an ``.npz`` file (atomically).
+
+    Args:
+        path: output file.
+        sims: ``[N, k]`` similarities.
+        indices: ``[N, k]`` neighbour indices.
+        provenance: JSON-serialisable facts that identify the inputs, e.g. ``backbone``, ``weights_id``,
+            ``res``, ``split``, ``num_samples``, ``crop``; ``k`` and ``num_samples`` are filled in if absent.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if sims.shape != indices.shape or indices.ndim != 2:
+        raise ValueError(f"sims {tuple(sims.shape)} and indices {tuple(indices.shape)} must both be [N, k]")
+    meta = _jsonable(dict(provenance))
+    meta.setdefault("k", int(indices.shape[1]))
+    meta.setdefault("num_samples", int(indices.shape[0]))
+    meta["format"] = TABLE_FORMAT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            similarities=sims.detach().cpu().float().numpy(),
+            indices=indices.detach().cpu().long().numpy(),
+            provenance=np.array(json.dumps(meta, sort_keys=True)),
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def load_knn_table(
+    path: Union[str, os.PathLike], *, expect: Optional[Mapping[str, Any]] = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Read a table written by :func:`save_knn_table`.
+
+    Args:
+        path: the ``.npz`` file.
+        expect: provenance entries that must match (e.g. ``{"backbone": "dino_vits8", "res": 224,
+            "split": "train", "num_samples": 5000}``).
+
+    Returns:
+        ``(similarities float32 [N, k], indices int64 [N, k], provenance dict)``.
+
+    Raises:
+        KnnTableError: missing or malformed file, or provenance different from ``expect``; the message
+            says to re-run ``dist-seg knn``.
+    """
+    path = Path(path)
+    rerun = "run `dist-seg knn` for this dataset split and backbone to (re)build it"
+    if not path.is_file():
+        raise KnnTableError(f"no KNN table at {path}; {rerun}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            sims = torch.from_numpy(data["similarities"].astype(np.float32))
+            indices = torch.from_numpy(data["indices"].astype(np.int64))
+            meta = json.loads(str(data["provenance"]))
+    except (OSError, KeyError, ValueError) as err:
+        raise KnnTableError(f"{path} is not a KNN table written by dist-seg ({err}); {rerun}") from None
+    if meta.get("format") != TABLE_FORMAT or indices.shape != sims.shape or indices.ndim != 2:
+        raise KnnTableError(f"{path} has format {meta.get('format')!r} / shape {tuple(indices.shape)}; {rerun}")
+    if meta.get("num_samples") != indices.shape[0]:
+        raise KnnTableError(f"{path} says {meta.get('num_samples')} samples but holds {indices.shape[0]} rows; {rerun}")
+    if expect:
+        wanted = _jsonable(dict(expect))
+        wrong = {key: (meta.get(key, "<missing>"), value) for key, value in wanted.items()
+                 if meta.get(key, "<missing>") != value}
+        if wrong:
+            detail = "; ".join(f"{key}: table has {have!r}, expected {want!r}" for key, (have, want) in wrong.items())
+            raise KnnTableError(f"KNN table {path} does not match this run ({detail}). Re-run `dist-seg knn` "
+                                f"with the current dataset, split, resolution and backbone.")
+    return sims, indices, meta
+
+
+# ----------------------------------------------------------------------------------------- descriptors
+def _local_descriptors(
+    batches: Iterable[Mapping[str, torch.Tensor]], *, backbone=None, device: Union[str, torch.device] = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [n], L2-normalised GAP descriptors [n, C]) of the batches this process reads."""
+    indices, descs = [], []
+    for batch in batches:
+        index = torch.as_tensor(batch["index"]).long().reshape(-1)
+        if batch.get("gap") is not None:
+            desc = F.normalize(torch.as_tensor(batch["gap"]).float(), dim=1, eps=1e-10)
+        elif batch.get("image") is not None:
+            if backbone is None:
+                raise ValueError("image batches need a backbone to compute descriptors")
+            desc = backbone.global_descriptor(torch.as_tensor(batch["image"]).to(device))
+        else:
+            raise ValueError(f"a batch needs 'gap' or 'image' next to 'index'; got keys {sorted(batch)}")
+        indices.append(index.to(device))
+        descs.append(desc.to(device))
+    if not descs:
+        width = backbone.embed_dim if backbone is not None else 0
+        return torch.empty(0, dtype=torch.long, device=device), torch.empty((0, width), device=device)
+    return torch.cat(indices), torch.cat(descs)
+
+
+def _assemble(index: torch.Tensor, desc: torch.Tensor, num_samples: int) -> torch.Tensor:
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_samples):
+        raise ValueError(f"sample index out of range 0..{num_samples - 1}: {int(index.min())}..{int(index.max())}")
+    full = torch.zeros((num_samples, desc.shape[1]), dtype=torch.float32, device=desc.device)
+    seen = torch.zeros(num_samples, dtype=torch.bool, device=desc.device)
+    full[index] = desc.float()
+    seen[index] = True
+    if not bool(seen.all()):
+        missing = (~seen).nonzero().squeeze(1)[:10].tolist()
+        raise ValueError(f"descriptors missing for {int((~seen).sum())} of {num_samples} samples (first: {missing}); "
+                         "every sample of the split must be read once (shuffle=False, infinite=False)")
+    return full
+
+
+def compute_descriptors(
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    num_samples: int,
+    backbone=None,
+    device: Union[str, torch.device] = "cpu",
+    gather: bool = False,
+) -> torch.Tensor:
+    """GAP descriptors of a split in global index order.
+
+    Args:
+        batches: dicts with ``index`` ``[B]`` and either ``gap`` ``[B, C]`` (feature cache) or ``image``
+            uint8 ``[B, 3, H, W]`` (then ``backbone`` computes ``norm(mean of patch features)``).
+        num_samples: samples in the split; every index ``0..num_samples-1`` must be read (by some rank).
+        backbone: a :class:`dist_seg.backbones.Backbone` for image batches.
+        device: where the backbone runs and the descriptors are returned.
+        gather: combine the batches read by all ranks (each rank reads its own shards).
+
+    Returns:
+        float32 ``[num_samples, C]`` L2-normalised descriptors (on every rank when ``gather``).
+    """
+    index, desc = _local_descriptors(batches, backbone=backbone, device=device)
+    if gather:
+        index, desc = D.all_gather_variable(index), D.all_gather_variable(desc.float())
+    return _assemble(index, desc, num_samples)
+
+
+# ------------------------------------------------------------------------------------ tables of runs
+def default_table_path(root: Union[str, os.PathLike], split: str, backbone: str, res: int) -> Path:
+    """Where a table goes when ``data.knn_table`` is not set: ``<root>/knn/<split>_<backbone>_<res>.npz``."""
+    return Path(root) / "knn" / f"{split}_{backbone}_{res}.npz"
+
+
+def table_path(cfg) -> Path:
+    """The KNN table file of a run config."""
+    return Path(cfg.data.knn_table or default_table_path(cfg.data.root, cfg.data.train_split, cfg.backbone.name,
+                                                         cfg.data.res))
+
+
+def _data_fingerprint(manifest, split: str) -> str:
+    """Hash of what the manifest says about the split (shards, sizes, crop) and the dataset's parameters."""
+    import dataclasses
+    import hashlib
+
+    info = dataclasses.asdict(manifest.split(split))
+    text = json.dumps({"name": manifest.name, "split": info, "extra": manifest.extra}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def expected_provenance(cfg, *, weights_id: Optional[str]) -> dict[str, Any]:
+    """The provenance a table must carry to serve the run ``cfg`` (compared by :func:`load_knn_table`)."""
+    from dist_seg.data.manifest import read_manifest
+
+    manifest = read_manifest(cfg.data.root)
+    split = cfg.data.train_split
+    info = manifest.split(split)
+    return {
+        "dataset": manifest.name,
+        "split": split,
+        "num_samples": info.num_samples,
+        "crop": info.crop,
+        "data_fingerprint": _data_fingerprint(manifest, split),
+        "res": cfg.data.res,
+        "backbone": cfg.backbone.name,
+        "weights_id": weights_id,
+    }
+
+
+def _descriptor_source(cfg, *, backbone=None, cache=None, device="cpu"):
+    """(backbone or None, cache or None, weights_id) for computing the run's descriptors."""
+    if cache is not None:
+        from dist_seg.features import read_cache_info
+
+        info = read_cache_info(cache)
+        for key, value in {"backbone": cfg.backbone.name, "res": cfg.data.res}.items():
+            if info.get(key) != value:
+                raise KnnTableError(f"feature cache {cache} holds {key}={info.get(key)!r} but the run uses {value!r}; "
+                                    "point data.feature_cache at a matching cache or re-run `dist-seg extract`")
+        return None, cache, info.get("weights_id")
+    if backbone is None:
+        from dist_seg.backbones import load_backbone
+
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
+                                 dtype=cfg.train.mixed_precision).to(device)
+    return backbone, None, backbone.weights_id
+
+
+def build_knn_table(
+    cfg,
+    *,
+    backbone=None,
+    cache: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+    k: int = DEFAULT_K,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Compute the run's KNN table on all ranks (collective: every rank must call it).
+
+    Descriptors come from the feature cache ``cache`` (its ``gap`` entries) when given, otherwise from the
+    image shards of ``cfg.data.root`` through ``backbone`` (loaded from ``cfg.backbone`` if None). Each
+    rank reads its share of the shards; the descriptors are gathered in index order and the search is
+    split across ranks (:func:`distributed_knn`).
+
+    Returns:
+        ``(similarities [N, k], indices [N, k], provenance)``, identical on every rank.
+    """
+    from dist_seg.data.shards import make_loader
+
+    device = torch.device(device)
+    backbone, cache, weights_id = _descriptor_source(cfg, backbone=backbone, cache=cache, device=device)
+    provenance = expected_provenance(cfg, weights_id=weights_id)
+    provenance["source"] = "feature cache" if cache is not None else "images"
+    split, num_samples = cfg.data.train_split, provenance["num_samples"]
+    if k > num_samples - 1:
+        log.warning("only %d samples: storing %d neighbours instead of %d", num_samples, num_samples - 1, k)
+        k = num_samples - 1
+    loader, _ = make_loader(cache if cache is not None else cfg.data.root, split,
+                            batch_size=max(1, cfg.data.batch_size // D.get_world_size()), res=cfg.data.res,
+                            num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle=False, infinite=False,
+                            decode="features" if cache is not None else "image")
+    start = time.perf_counter()
+    full = compute_descriptors(loader, num_samples=num_samples, backbone=backbone, device=device, gather=True)
+    provenance["descriptor_seconds"] = round(time.perf_counter() - start, 3)
+    rank, world = D.get_rank(), D.get_world_size()
+    lo, hi = rank * num_samples // world, (rank + 1) * num_samples // world
+    start = time.perf_counter()
+    sims, indices = distributed_knn(full[lo:hi], k, exclude_self=True, backend=backend, chunk_size=chunk_size)
+    provenance["search_seconds"] = round(time.perf_counter() - start, 3)
+    provenance["world_size"] = world
+    return sims.cpu(), indices.cpu(), provenance
+
+
+_VOLATILE = ("source", "descriptor_seconds", "search_seconds", "world_size", "k", "format")
+
+
+def ensure_knn_table(
+    cfg,
+    *,
+    backbone=None,
+    cache: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+    k: int = DEFAULT_K,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The run's KNN indices ``[N, k]``: loaded from :func:`table_path` or, if absent, built and saved.
+
+    Collective: call it on every rank. A table that exists but was computed for other data, another
+    split, resolution or backbone raises :class:`KnnTableError` (re-run ``dist-seg knn``) instead of
+    being silently replaced.
+    """
+    path = table_path(cfg)
+    exists = D.broadcast_object(path.is_file())  # one decision for all ranks: building is collective
+    if exists:
+        if cache is not None:
+            from dist_seg.features import read_cache_info
+
+            weights_id = read_cache_info(cache).get("weights_id")
+        else:
+            backbone, _, weights_id = _descriptor_source(cfg, backbone=backbone, device=device)
+        _, indices, _ = load_knn_table(path, expect=expected_provenance(cfg, weights_id=weights_id))
+        return indices
+    log.info("no KNN table at %s: mining it now (exact)", path)
+    _, indices, _ = _build_and_save(cfg, path, backbone=backbone, cache=cache, device=device, k=k, backend=backend)
+    return indices
+
+
+def _build_and_save(cfg, path: Path, **kwargs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    sims, indices, provenance = build_knn_table(cfg, **kwargs)
+    if D.is_main_process():
+        save_knn_table(path, sims, indices, provenance=provenance)
+        log.info("KNN table of %d samples (k=%d) written to %s", indices.shape[0], indices.shape[1], path)
+    D.barrier()
+    return sims, indices, provenance
+
+
+# ------------------------------------------------------------------------------------------------ cli
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe file or name (dataset, backbone, resolution), e.g. stego_toy")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours stored per sample (default {DEFAULT_K})")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="exact search backend (default auto)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="queries per block of the torch backend")
+    parser.add_argument("--out", default=None, help="table file (default: data.knn_table, else "
+                                                     "<data.root>/knn/<split>_<backbone>_<res>.npz)")
+    parser.add_argument("--features", action="store_true",
+                        help="read descriptors from the feature cache (data.feature_cache, else the default "
+                             "cache folder) instead of running the backbone on the images")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides key.sub=value (e.g. backbone.weights=PATH data.root=DIR); "
+                             "--config FILE.yaml merges a YAML file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dist-seg knn``: descriptors → exact cross-rank KNN table → ``.npz`` with provenance."""
+    from dist_seg.backbones import BackboneWeightsError
+    from dist_seg.config import ConfigError
+    from dist_seg.data.manifest import DataError
+    from dist_seg.trainer import default_cache_dir, load_recipe, make_accelerator, resolve_config, setup_logging
+
+    setup_logging()
+    try:
+        cfg = resolve_config(load_recipe(args.recipe)(), args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    accelerator = make_accelerator(cfg)
+    try:
+        cache = (cfg.data.feature_cache or default_cache_dir(cfg)) if args.features else None
+        path = Path(args.out) if args.out else table_path(cfg)
+        sims, indices, provenance = _build_and_save(cfg, path, cache=cache, device=accelerator.device, k=args.k,
+                                                    backend=args.backend, chunk_size=args.chunk_size)
+        if D.is_main_process():
+            print(f"knn table: {indices.shape[0]} samples x {indices.shape[1]} neighbours -> {path} "
+                  f"(descriptors {provenance['descriptor_seconds']:.1f}s, search {provenance['search_seconds']:.1f}s "
+                  f"on {provenance['world_size']} process(es))")
+        return 0
+    except (BackboneWeightsError, DataError, KnnTableError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        accelerator.end_training()
