@@ -36,7 +36,7 @@ def _read(paths: list[Path], skipped: list[str]) -> Iterator[tuple[Path, np.ndar
     for path in paths:
         try:
             with Image.open(path) as im:
-                yield path, np.asarray(im.convert("RGB"))
+                yield path, np.array(im.convert("RGB"))  # a writable copy: torch refuses read-only arrays
         except (UnidentifiedImageError, OSError) as err:
             skipped.append(f"{path}: {err}")
             log.warning("skipping unreadable image %s (%s)", path, err)

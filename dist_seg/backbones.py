@@ -1,0 +1,429 @@
+"""Frozen DINO / DINOv2 ViT backbones (SPEC §1).
+
+A backbone turns images into patch features ``[B, C, H/p, W/p]``: the final block's output tokens after
+the final LayerNorm, with the CLS and register tokens dropped. Models are built with timm and never
+downloaded unless the caller allows it. Weights come from
+
+* a local file: an official DINO / DINOv2 release file (plain state dict), a DINO training checkpoint
+  (``{"teacher": {"module.backbone.*": ...}, ...}``) or a timm / Hugging Face file (``.safetensors``,
+  ``.bin``, ``.pth``);
+* otherwise the local Hugging Face hub cache (timm's ``timm/<model>`` repositories) or the torch hub
+  checkpoint folder, where a previous download may have left the file.
+
+Every file goes through timm's own ``checkpoint_filter_fn`` (the function timm's pretrained loader
+applies), which converts DINOv2 key names and resamples ``pos_embed`` when the trained grid differs.
+
+At input sizes other than the trained one, the position embedding is interpolated exactly as the
+reference implementations do (facebookresearch/dino and dinov2: bicubic with ``scale_factor`` =
+``(n + 0.1) / M`` and no antialiasing), not with timm's resampling (``size=n``, antialiased), which
+differs by up to ~1e-2 in the features. STEGO evaluates at 320×320 with the reference code, so parity
+needs the reference interpolation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "BackboneWeightsError",
+    "gap_descriptor",
+    "load_backbone",
+    "resolve_dtype",
+]
+
+TOY_SEED = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneSpec:
+    """A named backbone: the timm architecture (with its pretrained tag) it is built from."""
+
+    timm_name: str
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dino_vits8": BackboneSpec(timm_name="vit_small_patch8_224.dino"),
+    "dino_vits16": BackboneSpec(timm_name="vit_small_patch16_224.dino"),
+    "dino_vitb8": BackboneSpec(timm_name="vit_base_patch8_224.dino"),
+    "dino_vitb16": BackboneSpec(timm_name="vit_base_patch16_224.dino"),
+    **{
+        f"dinov2_vit{s}14": BackboneSpec(timm_name=f"vit_{size}_patch14_dinov2.lvd142m")
+        for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+    },
+    **{
+        f"dinov2_vit{s}14_reg": BackboneSpec(timm_name=f"vit_{size}_patch14_reg4_dinov2.lvd142m")
+        for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+    },
+    # A small random-init ViT for tests and the toy demo (patch 8, 64 channels, 2 blocks).
+    "toy": BackboneSpec(timm_name="vit_toy"),
+}
+
+# Hub files timm publishes for its models, in the order timm's own loader tries them.
+_HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+# Keys of training checkpoints that hold the network (DINO saves "teacher" and "student").
+_CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict", "model_ema", "state_dict_ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
+
+
+class BackboneWeightsError(RuntimeError):
+    """Weights are missing, unreadable or belong to another architecture."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """Map ``None`` / ``"no"`` / ``"fp32"`` / ``"bf16"`` / ``"fp16"`` / a torch dtype to an autocast dtype.
+
+    Returns:
+        ``None`` for full precision, else ``torch.bfloat16`` or ``torch.float16``.
+    """
+    if dtype is None or dtype in ("no", "fp32", "float32", torch.float32):
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    if isinstance(dtype, str) and dtype in table:
+        return table[dtype]
+    raise ValueError(f"dtype must be one of None, 'no', 'fp32', 'bf16', 'fp16' (or a torch dtype), got {dtype!r}")
+
+
+def gap_descriptor(features: torch.Tensor) -> torch.Tensor:
+    """Global image descriptor of patch features ``[B, C, h, w]``: ``norm(mean over h, w)`` → ``[B, C]``."""
+    return F.normalize(features.float().mean(dim=(2, 3)), dim=1, eps=1e-10)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reference_pos_embed(self: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """``VisionTransformer._pos_embed`` with the DINO / DINOv2 reference interpolation.
+
+    ``x`` is the NHWC patch grid produced by a timm patch embedding with ``dynamic_img_size=True``.
+    """
+    batch, grid_h, grid_w, dim = x.shape
+    pos = self.pos_embed
+    num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+    prefix_pos, patch_pos = pos[:, :num_prefix], pos[:, num_prefix:]
+    side = int(math.sqrt(patch_pos.shape[1]))
+    if (grid_h, grid_w) != (side, side):
+        # Reference recipe: the 0.1 offset in the scale factor, bicubic, no antialiasing, computed in fp32.
+        grid = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(
+            grid, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic", align_corners=False
+        )
+        if tuple(grid.shape[-2:]) != (grid_h, grid_w):  # pragma: no cover - guarded by the 0.1 offset
+            raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, not {(grid_h, grid_w)}")
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(pos.dtype)
+    x = x.reshape(batch, grid_h * grid_w, dim)
+    tokens = []
+    if self.cls_token is not None:
+        tokens.append(self.cls_token.expand(batch, -1, -1))
+    if self.reg_token is not None:
+        tokens.append(self.reg_token.expand(batch, -1, -1))
+    if self.no_embed_class:
+        # Prefix tokens carry no position (timm folds the CLS position into cls_token when converting).
+        x = torch.cat(tokens + [x + patch_pos], dim=1)
+    else:
+        x = torch.cat(tokens + [x], dim=1) + torch.cat([prefix_pos, patch_pos], dim=1)
+    return self.pos_drop(x)
+
+
+def _build_timm(name: str, *, empty: bool = False) -> VisionTransformer:
+    """The timm model for ``name``; ``empty=True`` skips the random init (weights are loaded next)."""
+    spec = BACKBONES[name]
+    if name == "toy":
+        # Seeded without touching the global RNG, so building a backbone never changes a run's randomness.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TOY_SEED)
+            model = VisionTransformer(
+                img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
+            )
+    elif empty:
+        # Random init of a ViT-B/g takes seconds and is overwritten anyway; every parameter is then
+        # checked to be present in the file before loading (ViTs have no buffers to initialise).
+        with torch.device("meta"):
+            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        if any(True for _ in model.buffers()):  # pragma: no cover - timm ViTs have none today
+            raise RuntimeError(f"{spec.timm_name} has buffers that an empty build would leave uninitialised")
+        model = model.to_empty(device="cpu")
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    model._pos_embed = types.MethodType(_reference_pos_embed, model)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            # F.scaled_dot_product_attention; timm may have turned it off through TIMM_FUSED_ATTN.
+            module.fused_attn = True
+    return model
+
+
+# ------------------------------------------------------------------------------------------ weights
+def _official_url(name: str) -> Optional[str]:
+    cfg = timm.models.get_pretrained_cfg(BACKBONES[name].timm_name)
+    return getattr(cfg, "url", None) if cfg is not None else None
+
+
+def _hub_repo(name: str) -> Optional[str]:
+    cfg = timm.models.get_pretrained_cfg(BACKBONES[name].timm_name)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def _find_cached(name: str) -> Optional[Path]:
+    """A weights file for ``name`` already on disk (HF hub cache, then torch hub checkpoints), or None."""
+    repo = _hub_repo(name)
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in _HUB_FILENAMES:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+    url = _official_url(name)
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    repo = _hub_repo(name)
+    if not repo:  # pragma: no cover - every named model has a hub repository
+        raise BackboneWeightsError(f"no hub repository is known for {name!r}; pass weights=PATH")
+    try:
+        return Path(hf_hub_download(repo, _HUB_FILENAMES[0]))
+    except Exception as err:  # network or hub errors: say what to do instead
+        raise BackboneWeightsError(
+            f"downloading {name!r} weights from huggingface.co/{repo} failed ({type(err).__name__}: {err}). "
+            f"Download {_official_url(name)} yourself and pass it as backbone.weights=PATH."
+        ) from None
+
+
+def _missing_weights_message(name: str) -> str:
+    repo, url = _hub_repo(name), _official_url(name)
+    return (
+        f"no local weights for backbone {name!r} (timm '{BACKBONES[name].timm_name}') and downloading is off. "
+        f"Pass the weights file as the config override backbone.weights=PATH (load_backbone(..., weights=PATH) "
+        f"in Python); the official release file is {url}, timm's is model.safetensors from "
+        f"https://huggingface.co/{repo}. Or set backbone.allow_download=true to fetch it from the Hugging Face hub."
+    )
+
+
+def _read_file(path: Path) -> Mapping:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        # DINO training checkpoints also pickle their argparse.Namespace of arguments.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BackboneWeightsError(
+            f"cannot read weights from {path} ({type(err).__name__}: {str(err).splitlines()[0]}). Expected a "
+            f"state dict saved with torch.save, a DINO training checkpoint or a .safetensors file; if the file "
+            f"holds other Python objects, re-save just its state dict with torch.save."
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise BackboneWeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def normalize_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
+    """A plain backbone state dict from a release file or a training checkpoint.
+
+    Picks the ``teacher`` (else ``student`` / ``model`` / ``state_dict``) entry of a training
+    checkpoint, strips ``module.`` / ``_orig_mod.`` wrappers, keeps only ``backbone.*`` when the
+    checkpoint wraps the backbone with a head (DINO's MultiCropWrapper), and drops head keys.
+    """
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not torch.is_tensor(value):
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        state[key] = value
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    return {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+
+
+def _mismatch(name: str, path: Path, what: str, details: list[str]) -> BackboneWeightsError:
+    shown = ", ".join(details[:5]) + (f", ... ({len(details)} in all)" if len(details) > 5 else "")
+    return BackboneWeightsError(
+        f"{path} does not hold weights for backbone {name!r} (timm '{BACKBONES[name].timm_name}'): {what}: "
+        f"{shown}. Pass the file for {name!r} or choose the backbone name that matches the file."
+    )
+
+
+def _load_weights(model: VisionTransformer, name: str, path: Path) -> None:
+    state = normalize_state_dict(_read_file(path))
+    patch = state.get("patch_embed.proj.weight")
+    expected_patch = tuple(model.patch_embed.proj.weight.shape)
+    # timm's filter would silently resample a kernel of another patch size: refuse that instead.
+    if patch is not None and patch.ndim == 4 and tuple(patch.shape) != expected_patch:
+        raise _mismatch(name, path, "patch embedding shape differs",
+                        [f"patch_embed.proj.weight {tuple(patch.shape)} != {expected_patch}"])
+    try:
+        state = checkpoint_filter_fn(dict(state), model)
+    except Exception as err:
+        raise _mismatch(name, path, "timm could not convert it", [f"{type(err).__name__}: {err}"]) from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise _mismatch(name, path, "missing keys", missing)
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise _mismatch(name, path, "unexpected keys", unexpected)
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise _mismatch(name, path, "shape mismatch", wrong)
+    model.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------------------ module
+class Backbone(nn.Module):
+    """A frozen ViT that returns patch features.
+
+    Attributes:
+        name: the backbone name (``dino_vits8``, ``dinov2_vitb14``, ``toy``, ...).
+        patch_size: side of a patch in pixels.
+        embed_dim: number of feature channels C.
+        weights_id: sha256 of the weights file, or ``random-init-seed<N>`` for the toy model.
+        autocast_dtype: dtype used under autocast on CUDA (None = fp32).
+    """
+
+    def __init__(self, model: VisionTransformer, *, name: str, weights_id: str, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.weights_id = weights_id
+        self.autocast_dtype = dtype
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.embed_dim = int(model.embed_dim)
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """The backbone is frozen: it stays in eval mode whatever a parent module asks."""
+        return super().train(False)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {p} of {self.name!r}; "
+                f"resize or crop to a multiple of {p} (e.g. {max(p, height // p * p)}x{max(p, width // p * p)})"
+            )
+        images = images.to(self.mean.device)
+        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features of a batch of images.
+
+        Args:
+            images: uint8 ``[B, 3, H, W]`` in 0..255 or float in [0, 1], H and W multiples of ``patch_size``.
+
+        Returns:
+            float32 ``[B, C, H/p, W/p]``.
+        """
+        x = self._prepare(images)
+        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
+            tokens = self.model.forward_features(x)
+        batch, _, height, width = x.shape
+        grid = tokens[:, self.num_prefix_tokens :].float()
+        return grid.reshape(batch, height // self.patch_size, width // self.patch_size, -1).permute(0, 3, 1, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.patch_features(images)
+
+    @torch.no_grad()
+    def global_descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        """``norm(mean over h, w of the patch features)`` → ``[B, C]`` float32 (SPEC §1)."""
+        return gap_descriptor(self.patch_features(images))
+
+
+def load_backbone(
+    name: str,
+    weights: Union[None, str, os.PathLike] = None,
+    *,
+    allow_download: bool = False,
+    dtype: Union[None, str, torch.dtype] = None,
+) -> Backbone:
+    """Build a frozen backbone with its weights.
+
+    Args:
+        name: one of :data:`BACKBONES` (``dino_vits8``, ``dino_vitb8``, ``dinov2_vits14``,
+            ``dinov2_vits14_reg``, ..., ``toy``).
+        weights: path of a weights file (official release, DINO training checkpoint, timm/HF file).
+            ``None``: the local hub cache, then (only with ``allow_download``) the Hugging Face hub.
+            Ignored sources never lead to random weights for a named DINO model.
+        allow_download: fetch missing weights from the Hugging Face hub.
+        dtype: autocast dtype on CUDA (``"bf16"``, ``"fp16"``; ``None``/``"no"`` = fp32). CPU runs fp32.
+
+    Returns:
+        A :class:`Backbone` in eval mode with ``requires_grad=False`` on every parameter (on CPU).
+
+    Raises:
+        ValueError: unknown name or dtype.
+        BackboneWeightsError: weights missing (naming the file to pass), unreadable, or of another model.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    autocast_dtype = resolve_dtype(dtype)
+    model = _build_timm(name, empty=name != "toy")
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BackboneWeightsError(f"backbone weights file not found: {path} (check backbone.weights)")
+    elif name == "toy":
+        return Backbone(model, name=name, weights_id=f"random-init-seed{TOY_SEED}", dtype=autocast_dtype)
+    else:
+        path = _find_cached(name)
+        if path is None:
+            if not allow_download:
+                raise BackboneWeightsError(_missing_weights_message(name))
+            path = _download(name)
+    _load_weights(model, name, path)
+    return Backbone(model, name=name, weights_id=_sha256(path), dtype=autocast_dtype)
