@@ -1,0 +1,25 @@
+"""DS²DL on the built-in toy dataset: the twin of `recipes/ds2dl_coco.py` that runs on a laptop CPU.
+
+    dist-seg prepare toy --out data/toy
+    accelerate launch recipes/ds2dl_toy.py [key=value ...]
+"""
+
+from dist_seg.config import BackboneConfig, DataConfig, DS2DLConfig, EvalConfig, RunConfig, TrainConfig
+from dist_seg.trainer import run_recipe
+
+
+def config() -> RunConfig:
+    return RunConfig(
+        method="ds2dl",
+        data=DataConfig(dataset="toy", root="data/toy", res=64, eval_res=64, batch_size=32, num_workers=2,
+                        shuffle_buffer=64),
+        backbone=BackboneConfig(name="toy"),
+        ds2dl=DS2DLConfig(dim=32, feature_samples=8, r=2.1, optimizer="radam", lr=1e-3, prototype_lr=5e-3),
+        train=TrainConfig(num_steps=300, output_dir="runs/ds2dl_toy", val_every=100, checkpoint_every=100,
+                          log_every=10),
+        eval=EvalConfig(num_overlays=6),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_recipe(config))
