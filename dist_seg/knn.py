@@ -840,8 +840,10 @@ def build_knn_table(
     Returns:
         ``(similarities [N, k], indices [N, k], provenance)``, identical on every rank.
     """
+    from dist_seg.data.manifest import read_manifest
     from dist_seg.data.shards import make_loader
 
+    read_manifest(cfg.data.root).split(cfg.data.train_split)  # a missing dataset is reported before any model loads
     device = torch.device(device)
     backbone, cache, weights_id = _descriptor_source(cfg, backbone=backbone, cache=cache, device=device)
     provenance = expected_provenance(cfg, weights_id=weights_id)
@@ -920,9 +922,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", action="store_true",
                         help="read descriptors from the feature cache (data.feature_cache, else the default "
                              "cache folder) instead of running the backbone on the images")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="YAML config merged onto the recipe before the overrides (repeatable)")
     parser.add_argument("overrides", nargs="*",
-                        help="config overrides key.sub=value (e.g. backbone.weights=PATH data.root=DIR); "
-                             "--config FILE.yaml merges a YAML file")
+                        help="config overrides key.sub=value (e.g. backbone.weights=PATH data.root=DIR)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -934,7 +937,8 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     try:
-        cfg = resolve_config(load_recipe(args.recipe)(), args.overrides)
+        yaml_args = [item for path in args.config for item in ("--config", path)]
+        cfg = resolve_config(load_recipe(args.recipe)(), [*yaml_args, *args.overrides])
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

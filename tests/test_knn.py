@@ -196,6 +196,17 @@ def test_cli_builds_exact_table_and_ensure_reuses_it(toy_root, tmp_path, capsys)
     with pytest.raises(KnnTableError, match=r"res: table has 32, expected 40.*dist-seg knn"):
         K.ensure_knn_table(stale)
 
+    # The same table from the feature cache's stored descriptors (`dist-seg extract` output).
+    from dist_seg.features import extract
+
+    cache = extract(cfg, cache=str(tmp_path / "cache"))
+    out2 = tmp_path / "from_cache.npz"
+    assert cli.main(["knn", "stego_toy", *_toy_overrides(toy_root), f"data.feature_cache={cache}",
+                     "--features", "--out", str(out2), "--k", "7"]) == 0
+    cache_sims, cache_index, cache_meta = load_knn_table(out2)
+    assert cache_meta["source"] == "feature cache" and cache_meta["weights_id"] == meta["weights_id"]
+    assert torch.equal(cache_index, index), "descriptors from the feature cache must give the same table"
+
     fresh = resolve_config(load_recipe("stego_toy")(), [*_toy_overrides(toy_root),
                                                         f"data.knn_table={tmp_path / 'new.npz'}"])
     built = K.ensure_knn_table(fresh, k=7)
