@@ -13,6 +13,9 @@ Two details make the term independent of how a global batch is cut up:
 * :func:`stacked_correlation_term` evaluates ``n`` pairings of the same anchors (e.g. one per negative
   derangement) with one einsum, each with its own ``m``, equal to ``n`` calls of
   :func:`correlation_term`.
+
+Callers that reuse sampled tensors in several terms (the anchors appear in every term, the negatives
+are rows of one gathered tensor) normalise them once and pass ``normalized=True``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _stacked_correlation(a: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,nbcij->nbhwij", a, bs)
 
 
-def mean_feature_correlation(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+def mean_feature_correlation(fa: torch.Tensor, fb: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
     """Per-row mean of the raw feature correlation, ``F.mean(dim=(1, 2, 3, 4))``, without building F.
 
     The mean of all dot products between two point sets is the dot product of their means, which costs
@@ -57,12 +60,15 @@ def mean_feature_correlation(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor
     Args:
         fa: ``[..., B, C, S, S]`` features.
         fb: ``[..., B, C, S, S]`` features (broadcast against ``fa``).
+        normalized: both are already L2-normalised over channels (skips :func:`norm`).
 
     Returns:
         ``[..., B]`` means, without gradient.
     """
     with torch.no_grad():
-        return (_norm_channels(fa).mean(dim=(-2, -1)) * _norm_channels(fb).mean(dim=(-2, -1))).sum(-1)
+        if not normalized:
+            fa, fb = _norm_channels(fa), _norm_channels(fb)
+        return (fa.mean(dim=(-2, -1)) * fb.mean(dim=(-2, -1))).sum(-1)
 
 
 def _norm_channels(t: torch.Tensor) -> torch.Tensor:
@@ -101,6 +107,7 @@ def stacked_correlation_term(
     zero_clamp: bool,
     stabilize: bool = False,
     feature_mean: Mean = None,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`correlation_term` of the same anchors against ``n`` partner sets at once.
 
@@ -118,6 +125,7 @@ def stacked_correlation_term(
         stabilize: clamp code correlations at 0.8 from above.
         feature_mean: the ``m`` added back after centring, a scalar or one value per pairing ``[n]``;
             default: the mean of each pairing's ``F`` over its ``B`` rows, as :func:`correlation_term`.
+        normalized: all four inputs are already L2-normalised over channels (skips :func:`norm`).
 
     Returns:
         ``(L, Cs)``, both ``[n, B, S, S, S, S]``; ``L`` has gradient only through the codes.
@@ -125,10 +133,14 @@ def stacked_correlation_term(
     if fbs.dim() != 5 or cbs.dim() != 5:
         raise ValueError(f"partners must be stacked as [n, B, C, S, S], got {tuple(fbs.shape)} and {tuple(cbs.shape)}")
     with torch.no_grad():
-        fd = _stacked_correlation(norm(fa), _norm_channels(fbs))
+        if not normalized:
+            fa, fbs = norm(fa), _norm_channels(fbs)
+        fd = _stacked_correlation(fa, fbs)
         if spatial_center:
             fd = _center(fd, _as_group_means(feature_mean, fd))
-    cd = _stacked_correlation(norm(ca), _norm_channels(cbs))
+    if not normalized:
+        ca, cbs = norm(ca), _norm_channels(cbs)
+    cd = _stacked_correlation(ca, cbs)
     low = 0.0 if zero_clamp else None
     high = 0.8 if stabilize else None
     clamped = cd.clamp(min=low, max=high) if (low is not None or high is not None) else cd
@@ -146,6 +158,7 @@ def correlation_term(
     zero_clamp: bool,
     stabilize: bool = False,
     feature_mean: Mean = None,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """STEGO's correlation term for a pair of sampled images (SPEC §3), without reduction.
 
@@ -162,6 +175,7 @@ def correlation_term(
         stabilize: clamp code correlations at 0.8 from above.
         feature_mean: ``m``; default ``F.mean()`` over the whole input. Pass the mean over the global batch
             (see :func:`mean_feature_correlation`) when the batch is split over ranks.
+        normalized: all four inputs are already L2-normalised over channels (skips :func:`norm`).
 
     Returns:
         ``(L, Cs)``, both ``[B, S, S, S, S]``.
@@ -171,6 +185,7 @@ def correlation_term(
     loss, cd = stacked_correlation_term(
         fa, fb.unsqueeze(0), ca, cb.unsqueeze(0), shift,
         spatial_center=spatial_center, zero_clamp=zero_clamp, stabilize=stabilize, feature_mean=feature_mean,
+        normalized=normalized,
     )
     return loss[0], cd[0]
 

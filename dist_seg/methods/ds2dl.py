@@ -53,6 +53,9 @@ class DS2DLMethod(Method):
     """
 
     name = "ds2dl"
+    # Pairs come from the batch itself (intra-image and a derangement of the global batch), never from the
+    # KNN table: the trainer then neither builds a table nor fetches (or, online, encodes) partner images.
+    needs_partners = False
 
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
         super().__init__(cfg, feat_dim=feat_dim, num_classes=num_classes, has_labels=has_labels)
@@ -151,13 +154,11 @@ class DS2DLMethod(Method):
         terms["loss"] = total
         terms["bias"] = self.bias
 
-        used, entropy = self._prototype_usage(inner_g_const)
+        terms["prototypes_used"], terms["prototype_entropy"] = self._prototype_usage(inner_g_const)
         names = list(terms)
+        # One device→host copy for all logs.
         values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
-        logs = dict(zip(names, values))
-        logs["prototypes_used"] = used
-        logs["prototype_entropy"] = entropy
-        return total, logs
+        return total, dict(zip(names, values))
 
     def _affinity(self, x: torch.Tensor, label_feat: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Intra-image and cross-image affinity losses (each a mean over its pairs)."""
@@ -188,15 +189,16 @@ class DS2DLMethod(Method):
         return loss_intra, loss_cross
 
     @torch.no_grad()
-    def _prototype_usage(self, inner_g: torch.Tensor) -> tuple[float, float]:
-        """Prototypes owning ≥ 1 pixel of the global batch, and the entropy of the assignment histogram."""
+    def _prototype_usage(self, inner_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototypes owning ≥ 1 pixel of the global batch, and the entropy of the assignment histogram.
+
+        Returned as 0-dim tensors so the caller copies them to the host together with the other logs.
+        """
         k = self.prototypes.num_prototypes
         counts = torch.bincount(inner_g.argmax(dim=1).flatten(), minlength=k).float()
         counts = D.all_reduce_sum(counts)
         p = counts / counts.sum().clamp_min(1.0)
-        used = float((counts > 0).sum().item())
-        entropy = float(-torch.special.xlogy(p, p).sum().item())
-        return used, entropy
+        return (counts > 0).sum().float(), -torch.special.xlogy(p, p).sum()
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -33,6 +33,7 @@ from dist_seg.heads.stego import StegoHead
 from dist_seg.losses.stego import (
     correlation_term,
     mean_feature_correlation,
+    norm,
     stacked_correlation_term,
 )
 from dist_seg.methods.base import Batch, Method, StepContext, grid_sample, sample_coords
@@ -115,22 +116,28 @@ class StegoMethod(Method):
                 "or set stego.neg_samples=0"
             )
 
-        code = self.head(feats)
         coords1 = sample_coords(ctx, num_samples, "coords1", device)
         coords2 = sample_coords(ctx, num_samples, "coords2", device)
-        f1, c1 = grid_sample(feats, coords1), grid_sample(code, coords1)
+        partner = batch.partner_feats
+        if use_knn and partner.shape != feats.shape:
+            raise ValueError(f"batch.partner_feats {tuple(partner.shape)} must match batch.feats {tuple(feats.shape)}")
+        code = self.head(feats)
+        code_knn = self.head(partner) if use_knn else None
 
+        # Every sampled tensor is L2-normalised once here: the anchors enter all three terms and the
+        # feature means, the negatives are rows of one gathered tensor. The feature side never needs a
+        # gradient (the target F is a constant).
+        with torch.no_grad():
+            f1 = norm(grid_sample(feats, coords1))
+            fk = norm(grid_sample(partner, coords2)) if use_knn else None
+            f2 = norm(grid_sample(feats, coords2)) if use_neg else None
+        c1 = norm(grid_sample(code, coords1))
         if use_knn:
-            partner = batch.partner_feats
-            if partner.shape != feats.shape:
-                raise ValueError(
-                    f"batch.partner_feats {tuple(partner.shape)} must match batch.feats {tuple(feats.shape)}"
-                )
-            fk, ck = grid_sample(partner, coords2), grid_sample(self.head(partner), coords2)
+            ck = norm(grid_sample(code_knn, coords2))
         if use_neg:
             # Gathering the sampled (not full-grid) tensors keeps the traffic at O(G·C·S²) per step.
-            f2_all = D.all_gather(grid_sample(feats, coords2).detach())
-            c2_all = D.all_gather_with_grad(grid_sample(code, coords2))
+            f2_all = D.all_gather(f2)
+            c2_all = D.all_gather_with_grad(norm(grid_sample(code, coords2)))
             perms = torch.stack(
                 [ctx.local(D.derangement(ctx.global_batch, ctx.generator("neg", n))) for n in range(sc.neg_samples)]
             ).to(device)
@@ -138,9 +145,10 @@ class StegoMethod(Method):
 
         means: dict[str, torch.Tensor | None] = {"self": None, "knn": None, "rand": None}
         if sc.pointwise:
-            means = self._global_feature_means(f1, fk if use_knn else None, fneg if use_neg else None, ctx)
+            means = self._global_feature_means(f1, fk, fneg if use_neg else None, ctx)
 
-        kw = {"spatial_center": sc.pointwise, "zero_clamp": sc.zero_clamp, "stabilize": sc.stabilize}
+        kw = {"spatial_center": sc.pointwise, "zero_clamp": sc.zero_clamp, "stabilize": sc.stabilize,
+              "normalized": True}
         terms: dict[str, torch.Tensor] = {}
         l_self, cd_self = correlation_term(f1, f1, c1, c1, sc.pos_intra_shift, feature_mean=means["self"], **kw)
         loss = sc.pos_intra_weight * l_self.mean()
@@ -162,12 +170,15 @@ class StegoMethod(Method):
     def _global_feature_means(
         f1: torch.Tensor, fk: torch.Tensor | None, fneg: torch.Tensor | None, ctx: StepContext
     ) -> dict[str, torch.Tensor | None]:
-        """Each term's raw feature-correlation mean over the global batch, in one all-reduce."""
-        sums = [mean_feature_correlation(f1, f1).sum().reshape(1)]
+        """Each term's raw feature-correlation mean over the global batch, in one all-reduce.
+
+        The sampled features are already L2-normalised.
+        """
+        sums = [mean_feature_correlation(f1, f1, normalized=True).sum().reshape(1)]
         if fk is not None:
-            sums.append(mean_feature_correlation(f1, fk).sum().reshape(1))
+            sums.append(mean_feature_correlation(f1, fk, normalized=True).sum().reshape(1))
         if fneg is not None:
-            sums.append(mean_feature_correlation(f1.unsqueeze(0), fneg).sum(dim=1))
+            sums.append(mean_feature_correlation(f1.unsqueeze(0), fneg, normalized=True).sum(dim=1))
         total = D.all_reduce_sum(torch.cat(sums)) / ctx.global_batch
         out: dict[str, torch.Tensor | None] = {"self": total[0], "knn": None, "rand": None}
         if fk is not None:
