@@ -61,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a trailing `overrides` positional at the first option, so `key=value` tokens
+    # given after an option (`dist-seg knn stego_toy --k 7 data.root=X`) come back here: keep them as overrides.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args._module is None:
         print(f"dist-seg {args.command}: not implemented yet ({args._why}).", file=sys.stderr)
         return 2

@@ -23,3 +23,19 @@ def test_missing_stage_says_so(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "ghost", ("dist_seg.no_such_stage", "not built"))
     assert cli.main(["ghost"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_overrides_after_options_are_kept(monkeypatch):
+    seen = {}
+
+    def fake_run(args):
+        seen.update(vars(args))
+        return 0
+
+    import dist_seg.trainer as trainer
+
+    monkeypatch.setattr(trainer, "run", fake_run)
+    assert cli.main(["train", "recipes/stego_toy.py", "--config", "a.yaml", "train.num_steps=3", "data.root=/x"]) == 0
+    assert seen["config"] == ["a.yaml"] and seen["overrides"] == ["train.num_steps=3", "data.root=/x"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "recipes/stego_toy.py", "--no-such-flag"])
