@@ -62,7 +62,7 @@ def machine() -> dict:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def write_datasets(root: Path, *, num_samples: int, samples_per_shard: int, image_size: int, image_format: str,

@@ -6,7 +6,7 @@ over as fp32), features of the KNN partners when the method uses them, the metho
 terms, cluster and linear probes), backward, the optimiser step and ``after_step``. Batches come from
 memory, so this measures the step alone; ``tools/bench_data.py`` measures whether the data layer keeps up.
 
-The cases, measured interleaved (in a rotating order) in the same process, repeated:
+The cases, measured interleaved (in a new random order every round) in the same process, repeated:
 
 * ``reference``: STEGO's published training step written out here as the baseline: fp32 backbone
   forward of the images and of their KNN partners every step with manual attention (``q @ kᵀ``,
@@ -27,7 +27,9 @@ For each case the tool prints crops/s (median over rounds), the ratio to the ref
 minimum of the per-round ratios, so slow phases of a shared machine cancel), and a physical bound:
 online, the backbone's matmul FLOPs per crop divided by the best fp32 (or mixed-precision) GEMM rate
 measured on the device; cached, the step's matmul FLOPs against the same rate and the feature bytes per
-crop against the measured memory copy bandwidth.
+crop against the measured memory copy bandwidth. On CPU it also prints crops per CPU second of this
+process, which ignores the time other jobs take the core away; that is meaningful with ``--threads 1``
+(waiting OpenMP threads spin and count as CPU time).
 
 ``--before REV`` adds our cases once more with the method and loss modules of git revision ``REV``
 (cases ``stego-cached@REV``, ...), so an optimisation is measured before and after in the same run.
@@ -88,7 +90,8 @@ def machine(device: torch.device) -> dict:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+            "threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def code_version() -> dict:
@@ -512,6 +515,9 @@ def main(argv=None) -> int:
     print(f"# {info['backbone']} at {args.res} px, batch {args.batch}, ours in {args.mixed_precision}")
 
     ours_bb = random_backbone(args.backbone, fused_attention=True, device=device)
+    # As load_backbone(..., dtype=train.mixed_precision): patch_features runs its own autocast context, so
+    # an outer one alone would leave the backbone in fp32.
+    ours_bb.autocast_dtype = amp
     ref_bb = random_backbone(args.backbone, fused_attention=False, device=device)
     ref_bb.load_state_dict(ours_bb.state_dict())
     data = make_data(ours_bb, batch=args.batch, res=args.res, num_classes=args.num_classes, seed=args.seed)
