@@ -115,8 +115,8 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
         cache_dir = Path(cache or cfg.data.feature_cache or default_cache_dir(cfg))
         manifest = read_manifest(cfg.data.root)
         splits = splits or [cfg.data.train_split]
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
-                                 allow_download=cfg.backbone.allow_download).to(accelerator.device)
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
+                                 dtype=cfg.train.mixed_precision).to(accelerator.device)
         provenance = {"backbone": cfg.backbone.name, "weights_id": backbone.weights_id, "res": cfg.data.res,
                       "eval_res": cfg.data.eval_res, "feat_dim": backbone.embed_dim,
                       "patch_size": backbone.patch_size, "dataset_root": str(Path(cfg.data.root).resolve())}

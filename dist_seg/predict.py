@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         method, cfg, state = load_method_checkpoint(args.checkpoint, device=device, overrides=args.overrides)
         paths = list_images(args.images)
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
-                                 allow_download=cfg.backbone.allow_download).to(device)
+        backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
+                                 dtype=cfg.train.mixed_precision if device.type == "cuda" else None).to(device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -220,8 +220,10 @@ class Trainer:
         if cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached):
             from dist_seg.backbones import load_backbone
 
+            # The backbone runs its own autocast in this dtype (bf16/fp16 on GPUs, fp32 with "no").
             self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
-                                          allow_download=cfg.backbone.allow_download).to(self.device)
+                                          allow_download=cfg.backbone.allow_download,
+                                          dtype=cfg.train.mixed_precision).to(self.device)
         feat_dim = self.info.feat_dim or self.backbone.embed_dim
         method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
                               has_labels=self.info.has_train_labels)

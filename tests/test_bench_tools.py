@@ -53,6 +53,17 @@ def test_bench_train_runs_every_case_and_reports_ratios(tmp_path, capsys):
     assert "x ref" in printed and "% bound" in printed, "the table must show ratios and bounds"
 
 
+def test_bench_train_times_a_git_revision_beside_the_work_tree(tmp_path):
+    tool = load_tool("bench_train")
+    out = tmp_path / "before.json"
+    assert tool.main(["--backbone", "toy", "--res", "32", "--batch", "2", "--num-classes", "3", "--repeats", "1",
+                      "--warmup", "0", "--cached-steps", "1", "--threads", "1", "--methods", "stego", "--modes",
+                      "cached", "--no-reference", "--before", "HEAD", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"stego-cached", "stego-cached@HEAD"}, sorted(results)
+    assert positive(results["stego-cached"]["speedup_vs_before_median"]), "no before/after ratio"
+
+
 def test_bench_train_profile_and_errors(capsys):
     tool = load_tool("bench_train")
     args = ["--backbone", "toy", "--res", "32", "--batch", "2", "--num-classes", "3", "--cached-steps", "1",
