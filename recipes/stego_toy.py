@@ -15,12 +15,17 @@ def config() -> RunConfig:
         data=DataConfig(dataset="toy", root="data/toy", res=64, eval_res=64, batch_size=32, num_workers=2,
                         shuffle_buffer=64),
         backbone=BackboneConfig(name="toy"),
+        # Toy settings, chosen on seeds 0-2 (docs/results.md). On the toy backbone the mean patch correlation
+        # within an image is about 0.33; the KNN and random cross-image pairs have upper quartile / top
+        # decile about 0.54 / 0.53. The KNN and random shifts (0.63, 0.59) sit above those, so cross-image
+        # pairs mostly repel and only the most similar patches attract, while the self shift (0.38) lets
+        # most same-image pairs attract. lr 2e-3 because a CPU demo affords 300 steps.
         stego=StegoConfig(
-            dim=32, feature_samples=8, neg_samples=3, num_neighbors=5,
-            pos_intra_weight=1.0, pos_intra_shift=0.18,
-            pos_inter_weight=0.5, pos_inter_shift=0.12,
-            neg_inter_weight=1.0, neg_inter_shift=0.46,
-            zero_clamp=True, pointwise=True,
+            dim=64, feature_samples=8, neg_samples=3, num_neighbors=5,
+            pos_intra_weight=1.0, pos_intra_shift=0.38,
+            pos_inter_weight=0.5, pos_inter_shift=0.63,
+            neg_inter_weight=0.6, neg_inter_shift=0.59,
+            zero_clamp=True, pointwise=True, lr=2e-3,
         ),
         train=TrainConfig(num_steps=300, output_dir="runs/stego_toy", val_every=100, checkpoint_every=100,
                           log_every=10),
