@@ -9,9 +9,10 @@ beside every run (:func:`save_config`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Optional, TypeVar
 
 import yaml
 from omegaconf import OmegaConf

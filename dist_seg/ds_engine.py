@@ -10,8 +10,9 @@ It is driven directly rather than through Accelerate's DeepSpeed plugin: with ac
 0.19 that plugin needs ``transformers`` installed even for ZeRO-2, and ``Accelerator(cpu=True)`` silently drops
 it, so that route cannot be exercised without a GPU; ``deepspeed.initialize`` runs ZeRO-2 on CPU over gloo
 (DeepSpeed's CPU accelerator), which is how the tests check it. Any launcher works (the DDP accelerate
-configs, ``torchrun``, ``deepspeed``), and so does a plain ``python`` process. The JSON config shared with ``launch/deepspeed_zero2.yaml`` uses Accelerate's ``"auto"``
-values; :func:`resolve_ds_config` fills them in the same way here.
+configs, ``torchrun``, ``deepspeed``), and so does a plain ``python`` process. The JSON config shared
+with ``launch/deepspeed_zero2.yaml`` uses Accelerate's ``"auto"`` values; :func:`resolve_ds_config` fills
+them in the same way here.
 
 Typical use (one process per device, started by ``accelerate launch``, ``torchrun`` or ``deepspeed``)::
 

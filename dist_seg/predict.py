@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
             (out / "overlays" / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay).save(out / "overlays" / rel)
         written += 1
-    print(f"wrote {written} label maps to {out / 'labels'}" + ("" if args.no_overlays else f" and overlays to {out / 'overlays'}"))
+    overlays = "" if args.no_overlays else f" and overlays to {out / 'overlays'}"
+    print(f"wrote {written} label maps to {out / 'labels'}" + overlays)
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
     return 0

@@ -201,7 +201,9 @@ class Trainer:
         accelerator: an ``accelerate.Accelerator`` (built from the config when omitted).
     """
 
-    def __init__(self, cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, dict], None]] = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, dict], None]] = None
+    ) -> None:
         setup_logging()
         self.cfg = cfg
         self.on_eval = on_eval
@@ -486,7 +488,8 @@ class Trainer:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", crops_s=f"{metrics['crops_per_s']:.1f}")
                 t0, steps_timed = time.perf_counter(), 0
             stop = D.broadcast_object(self._stop_requested)
-            if cfg.train.val_every and self.step % cfg.train.val_every == 0 and self.step < cfg.train.num_steps and not stop:
+            at_val_step = cfg.train.val_every and self.step % cfg.train.val_every == 0
+            if at_val_step and self.step < cfg.train.num_steps and not stop:
                 self._validate_and_select()
             if stop or (self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.num_steps):
                 self.save_checkpoint()
@@ -667,7 +670,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         print(format_table(rows, title="validation (SPEC §6 protocol)"))
         for name, res in rows.items():
             if res is not None:
-                save_reports(res, out, class_names=getattr(info, "class_names", None), colors=getattr(info, "colors", None),
+                save_reports(res, out, class_names=getattr(info, "class_names", None),
+                             colors=getattr(info, "colors", None),
                              name=name.replace(" ", "_").replace("(", "").replace(")", ""))
         print(f"reports written to {out}")
     return 0

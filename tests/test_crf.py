@@ -58,7 +58,9 @@ def test_crf_snaps_a_shifted_blurred_prediction_to_the_edge():
     after = float((refined.argmax(0) == truth).mean())
     assert refined.shape == (2, 64, 64) and refined.dtype == np.float32
     np.testing.assert_allclose(refined.sum(0), 1.0, atol=1e-4, err_msg="CRF marginals must sum to 1 per pixel")
-    assert after > before + 0.08, f"CRF should move the boundary to the image edge: accuracy {before:.3f} -> {after:.3f}"
+    assert after > before + 0.08, (
+        f"CRF should move the boundary to the image edge: accuracy {before:.3f} -> {after:.3f}"
+    )
     assert after > 0.95, f"CRF accuracy on a clean two-region image too low: {after:.3f}"
 
 
@@ -108,7 +110,8 @@ def test_pool_of_two_equals_serial():
     serial = CRFPool(0).map(images, logits)
     with CRFPool(2) as pool:
         parallel = pool.map(images, logits)
-        stacked = pool.map(np.stack([images[0], images[3]]), torch.stack([logits[0], logits[3]]))  # array/tensor batches
+        # array/tensor batches
+        stacked = pool.map(np.stack([images[0], images[3]]), torch.stack([logits[0], logits[3]]))
     assert len(parallel) == 6
     for i, (a, b) in enumerate(zip(serial, parallel)):
         np.testing.assert_array_equal(a, b, err_msg=f"pooled result {i} differs from the serial one")

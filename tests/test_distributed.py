@@ -60,7 +60,9 @@ def test_two_rank_gather_and_derangement():
     r0, r1 = results
     full = torch.cat([r0["x"], r1["x"]])
     for r in results:
-        assert torch.equal(r["gathered"], full) and torch.equal(r["plain"], full), "all_gather must concatenate in rank order"
+        assert torch.equal(r["gathered"], full) and torch.equal(r["plain"], full), (
+            "all_gather must concatenate in rank order"
+        )
     # d/dx of sum_s (s+1) * sum_i w_i g_i  for rows owned by rank r = (1 + 2) * w_i
     weights = torch.arange(1, 5, dtype=torch.float32)[:, None].expand(4, 3)
     assert torch.allclose(r0["grad"], 3 * weights[:2]), f"rank 0 grad {r0['grad']}"

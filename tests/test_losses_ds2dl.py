@@ -94,7 +94,9 @@ def test_affinity_loss_mining_direction():
     hard_neg_bce = affinity_loss(torch.tensor([0.5]), torch.tensor([0.0]), 0.0, 1.0)
     hard_pos = affinity_loss(torch.tensor([-0.5]), torch.tensor([1.0]), 0.0, 3.0)
     hard_pos_bce = affinity_loss(torch.tensor([-0.5]), torch.tensor([1.0]), 0.0, 1.0)
-    assert hard_neg > hard_neg_bce and hard_pos < hard_pos_bce, "r>1 must emphasise hard negatives, soften hard positives"
+    assert hard_neg > hard_neg_bce and hard_pos < hard_pos_bce, (
+        "r>1 must emphasise hard negatives, soften hard positives"
+    )
 
 
 # ------------------------------------------------------------------------------------------ sinkhorn
@@ -146,7 +148,9 @@ def test_sinkhorn_fp32_stable_for_small_eps_and_large_scores(scale):
         conv = sinkhorn(scores, 0.01, 3000)[0].double().numpy()
         plan = ot.sinkhorn(np.full(k, 1 / k), np.full(n, 1 / n), -scores[0].double().numpy(), reg=0.01,
                            method="sinkhorn_log", numItermax=100000, stopThr=1e-12)
-        assert np.allclose(conv, plan * n, atol=1e-3), f"fp32 converged Sinkhorn off POT by {np.abs(conv - plan * n).max()}"
+        assert np.allclose(conv, plan * n, atol=1e-3), (
+            f"fp32 converged Sinkhorn off POT by {np.abs(conv - plan * n).max()}"
+        )
 
 
 def test_sinkhorn_half_input_and_no_grad():

@@ -99,10 +99,10 @@ def test_stacked_negatives_equal_loop_over_derangements(spatial_center):
     L, Cs = stacked_correlation_term(fa, fbs, ca, cbs, 0.5, **kw)
     assert L.shape == (n, 3, 3, 3, 3, 3), f"stacked shape {L.shape}"
     loop = [correlation_term(fa, fbs[k], ca, cbs[k], 0.5, **kw) for k in range(n)]
-    torch.testing.assert_close(L, torch.stack([l for l, _ in loop]), msg="stacked L differs from the loop")
+    torch.testing.assert_close(L, torch.stack([term for term, _ in loop]), msg="stacked L differs from the loop")
     torch.testing.assert_close(Cs, torch.stack([c for _, c in loop]), msg="stacked Cs differs from the loop")
     g = torch.autograd.grad(L.mean(), (ca, cbs))
-    g_loop = torch.autograd.grad(torch.stack([l.mean() for l, _ in loop]).mean(), (ca, cbs))
+    g_loop = torch.autograd.grad(torch.stack([term.mean() for term, _ in loop]).mean(), (ca, cbs))
     for a, b in zip(g, g_loop):
         torch.testing.assert_close(a, b, msg="stacked gradients differ from the loop")
 

@@ -207,7 +207,7 @@ def test_ema_matches_closed_form():
         m.after_step()
         locals_.append(m.prototypes.local.detach().clone())
     # g_n = α^n g_0 + Σ_{t=1..n} (1-α) α^{n-t} l_t
-    want = alpha**n_steps * start + sum((1 - alpha) * alpha ** (n_steps - t) * l for t, l in enumerate(locals_, 1))
+    want = alpha**n_steps * start + sum((1 - alpha) * alpha ** (n_steps - t) * p for t, p in enumerate(locals_, 1))
     assert not torch.allclose(locals_[-1], start), "setup: local prototypes must have moved"
     assert torch.allclose(m.prototypes.global_, want, atol=1e-6), "global prototypes are not the EMA of the local ones"
 

@@ -81,7 +81,8 @@ def _noisy_clustering(seed: int, num_classes: int, num_clusters: int, shape=(4, 
     target = torch.where(ignore, torch.where(torch.rand(shape, generator=gen) < 0.5, -1, 255), target)
     hidden = torch.randperm(num_clusters, generator=gen)[:num_classes]
     follow = torch.rand(shape, generator=gen) < 0.55
-    pred = torch.where(follow, hidden[target.clamp(0, num_classes - 1)], torch.randint(num_clusters, shape, generator=gen))
+    noise = torch.randint(num_clusters, shape, generator=gen)
+    pred = torch.where(follow, hidden[target.clamp(0, num_classes - 1)], noise)
     return pred, target
 
 

@@ -79,7 +79,8 @@ def test_same_global_batch_same_training_on_1_2_4_ranks(method, toy_root, tmp_pa
             f"{method}: losses on {world} ranks {got['losses']} != 1 rank {ref['losses']}")
         for key, value in ref["state"].items():
             torch.testing.assert_close(got["state"][key], value, atol=1e-5, rtol=1e-4,
-                                       msg=lambda m, k=key, w=world: f"{method} {k} after {STEPS} steps on {w} ranks: {m}")
+                                       msg=lambda m, k=key, w=world:
+                                       f"{method} {k} after {STEPS} steps on {w} ranks: {m}")
 
 
 def _train_phase(rank: int, world: int, root: str, out: str, steps: int) -> dict:
@@ -90,7 +91,8 @@ def _train_phase(rank: int, world: int, root: str, out: str, steps: int) -> dict
     cfg = merge(load_recipe(str(REPO / "recipes" / "stego_toy.py"))(), overrides=[
         f"data.root={root}", f"train.output_dir={out}", f"data.batch_size={GLOBAL_BATCH}", "data.num_workers=0",
         "tracking.enabled=false", "stego.feature_samples=4", "stego.neg_samples=2", f"train.num_steps={steps}",
-        "train.checkpoint_every=2", "train.val_every=0", f"train.deepspeed_config={REPO / 'launch' / 'deepspeed_zero2.json'}"])
+        "train.checkpoint_every=2", "train.val_every=0",
+        f"train.deepspeed_config={REPO / 'launch' / 'deepspeed_zero2.json'}"])
     train(cfg)
     state, _ = load_latest_checkpoint(cfg)
     return {"step": state["step"], "method": state["method"]}

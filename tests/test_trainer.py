@@ -14,8 +14,7 @@ import torch
 
 from dist_seg import cli
 from dist_seg.config import ConfigError, RunConfig, merge
-from dist_seg.trainer import (TrainingError, Trainer, list_checkpoints, load_latest_checkpoint, load_recipe,
-                              train)
+from dist_seg.trainer import Trainer, TrainingError, list_checkpoints, load_latest_checkpoint, load_recipe, train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "stego_toy.py")
@@ -63,7 +62,8 @@ def test_train_cli_end_to_end(toy_root, tmp_path):
     runs = mlflow.search_runs(experiment_names=["dist_seg"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["params.train.num_steps"] == "6"
-    for metric in ("metrics.train/loss", "metrics.val/cluster_mIoU", "metrics.final/linear_Acc", "metrics.val/label_free",
+    for metric in ("metrics.train/loss", "metrics.val/cluster_mIoU", "metrics.final/linear_Acc",
+                   "metrics.val/label_free",
                    "metrics.train/crops_per_s"):
         assert metric in runs.columns and runs.iloc[0][metric] == runs.iloc[0][metric], f"{metric} not logged"
 
@@ -169,7 +169,8 @@ def test_cached_features_match_online(toy_root, tmp_path):
     online_trainer.unwrapped.load_state_dict(cached_trainer.unwrapped.state_dict())
     from_cache, from_images = cached_trainer.validate(), online_trainer.validate()
     for kind in ("cluster", "linear"):
-        assert abs(from_cache[kind]["Acc"] - from_images[kind]["Acc"]) < 0.5, (kind, from_cache[kind], from_images[kind])
+        assert abs(from_cache[kind]["Acc"] - from_images[kind]["Acc"]) < 0.5, (
+            kind, from_cache[kind], from_images[kind])
 
 
 def test_missing_dataset_names_prepare_command(tmp_path):

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         info.update(results=results, file_read_bytes_per_s={d: files[d][0] for d in files},
                     record_bytes={d: files[d][1] for d in files}, num_shards=num_shards,
                     load_avg_after=[round(x, 2) for x in os.getloadavg()])
-        print(f"# file read rate (page cache): " + ", ".join(f"{d} {files[d][0] / 1e9:.2f} GB/s" for d in files))
+        print("# file read rate (page cache): " + ", ".join(f"{d} {files[d][0] / 1e9:.2f} GB/s" for d in files))
     finally:
         if owned:
             shutil.rmtree(root, ignore_errors=True)

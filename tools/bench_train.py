@@ -170,7 +170,9 @@ def methods_at(rev: str) -> dict[str, type[Method]]:
             source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True,
                                     text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError) as err:
-            raise SystemExit(f"--before {rev}: cannot read {path} from git ({err}); give a commit of this repository")
+            raise SystemExit(
+                f"--before {rev}: cannot read {path} from git ({err}); give a commit of this repository"
+            ) from err
         module = types.ModuleType(f"_before_{rev}_{path.replace('/', '_')[:-3]}")
         sys.modules[module.__name__] = module
         exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
@@ -398,7 +400,8 @@ def parity(reference: ReferenceStego, cfg: RunConfig, data: dict, num_classes: i
         coords2 = sample_coords(ctx, sc.feature_samples, "coords2", device)
         theirs = ref.loss(feats, partner, label, coords1, coords2, [])
     diff = abs(float(mine) - float(theirs))
-    return {"ours": float(mine), "reference": float(theirs), "abs_diff": diff, "equal": diff <= 1e-4 * max(1.0, abs(float(theirs)))}
+    equal = diff <= 1e-4 * max(1.0, abs(float(theirs)))
+    return {"ours": float(mine), "reference": float(theirs), "abs_diff": diff, "equal": equal}
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -615,8 +618,8 @@ def main(argv=None) -> int:
             cpu.update(bound_crops_per_s=cpu_bound, fraction_of_bound=cpu["crops_per_s_median"] / cpu_bound)
         cells += [cpu.get("crops_per_s_median", nan), cpu.get("ratio_median", nan),
                   cpu.get("speedup_vs_before_median", nan), 100 * cpu.get("fraction_of_bound", nan)]
-        print(f"{case.name:>{width}} {cells[0]:>9.3g} {cells[1]:>7.2f} {cells[2]:>9.2f} {cells[3]:>8.2f} {cells[4]:>6.1f}% "
-              f"{cells[5]:>9.3g} {cells[6]:>7.2f} {cells[7]:>8.2f} {cells[8]:>6.1f}%  {why}")
+        print(f"{case.name:>{width}} {cells[0]:>9.3g} {cells[1]:>7.2f} {cells[2]:>9.2f} {cells[3]:>8.2f} "
+              f"{cells[4]:>6.1f}% {cells[5]:>9.3g} {cells[6]:>7.2f} {cells[7]:>8.2f} {cells[8]:>6.1f}%  {why}")
     info.update(gemm_flops=rate, gemm_flops_per_cpu_s=cpu_rate if with_cpu else None, gemm_dtype=str(rate_dtype),
                 copy_bandwidth_bytes=bandwidth,
                 backbone_matmul_flops_per_forward=backbone_flops, feature_bytes_per_crop_fp16=feat_bytes,

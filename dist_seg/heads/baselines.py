@@ -64,7 +64,8 @@ class _FittedBuffers(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         for name, buffer in self._buffers.items():
             key = prefix + name
-            if key in state_dict and buffer is not None and state_dict[key].shape != buffer.shape and buffer.numel() == 0:
+            if (key in state_dict and buffer is not None and state_dict[key].shape != buffer.shape
+                    and buffer.numel() == 0):
                 self._buffers[name] = torch.empty_like(state_dict[key], device=buffer.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

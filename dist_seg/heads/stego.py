@@ -24,7 +24,8 @@ class StegoHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, dim: int, *, projection_type: str = "nonlinear", dropout: float = 0.1, activation: str = "relu"
+        self, in_dim: int, dim: int, *, projection_type: str = "nonlinear", dropout: float = 0.1,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if projection_type not in PROJECTION_TYPES:

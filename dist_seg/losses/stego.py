@@ -190,7 +190,9 @@ def correlation_term(
     return loss[0], cd[0]
 
 
-def feature_correlation(fa: torch.Tensor, fb: torch.Tensor, *, spatial_center: bool, feature_mean: Mean = None) -> torch.Tensor:
+def feature_correlation(
+    fa: torch.Tensor, fb: torch.Tensor, *, spatial_center: bool, feature_mean: Mean = None
+) -> torch.Tensor:
     """The target ``F`` of :func:`correlation_term` alone, ``[B, S, S, S, S]``, without gradient."""
     with torch.no_grad():
         fd = _stacked_correlation(norm(fa), norm(fb).unsqueeze(0))

@@ -35,7 +35,9 @@ class BaselineMethod(Method):
         self.head.fit(features)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        groups = [{"params": list(self.cluster_probe.parameters()), "lr": self.cfg.baseline.probe_lr, "name": "cluster_probe"}]
+        groups = [
+            {"params": list(self.cluster_probe.parameters()), "lr": self.cfg.baseline.probe_lr, "name": "cluster_probe"}
+        ]
         if self.linear_probe is not None:
             groups.append({"params": list(self.linear_probe.parameters()), "lr": self.cfg.baseline.probe_lr,
                            "name": "linear_probe"})

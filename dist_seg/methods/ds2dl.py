@@ -160,7 +160,9 @@ class DS2DLMethod(Method):
         values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
         return total, dict(zip(names, values))
 
-    def _affinity(self, x: torch.Tensor, label_feat: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _affinity(
+        self, x: torch.Tensor, label_feat: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Intra-image and cross-image affinity losses (each a mean over its pairs)."""
         c = self.cfg.ds2dl
         coords = sample_coords(ctx, c.feature_samples, "coords", x.device)
