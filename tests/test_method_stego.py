@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dist_seg import distributed as D
 from dist_seg.config import RunConfig, StegoConfig
-from dist_seg.heads.probes import ClusterProbe, LinearProbe
+from dist_seg.heads.probes import ClusterProbe, LinearProbe, upsample_bilinear
 from dist_seg.heads.stego import StegoHead
 from dist_seg.losses.stego import correlation_term
 from dist_seg.methods import build_method, method_class
@@ -99,6 +99,21 @@ def test_linear_probe_ignores_invalid_labels_and_upsamples():
     relabelled = label.clone()
     relabelled[~valid] = -1
     torch.testing.assert_close(probe.loss(code, relabelled), expected, msg="-1 and 255 must both be ignored")
+
+
+@pytest.mark.parametrize(
+    "size_in,size_out", [((3, 3), (6, 6)), ((28, 20), (224, 161)), ((7, 9), (4, 5)), ((5, 5), (5, 5))]
+)
+def test_separable_upsampling_equals_torch_bilinear(size_in, size_out):
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 3, *size_in, dtype=torch.float64, generator=gen, requires_grad=True)
+    want = F.interpolate(t, size=size_out, mode="bilinear", align_corners=False)
+    got = upsample_bilinear(t, size_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    (g_want,) = torch.autograd.grad(want, t, upstream)
+    (g_got,) = torch.autograd.grad(got, t, upstream)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
 
 
 def test_linear_probe_all_ignored_is_zero_not_nan():

@@ -160,8 +160,9 @@ def methods_at(rev: str) -> dict[str, type[Method]]:
     """The STEGO and DS²DL method classes of git revision ``rev``, computing with that revision's losses.
 
     Each ``dist_seg/methods/<name>.py`` of ``rev`` is executed as a private module (its imports resolve to
-    the working tree), then the loss functions it imported are replaced by those of ``rev``'s
-    ``dist_seg/losses/<name>.py``. Heads, probes and helpers are the working tree's.
+    the working tree), then the loss functions and probe classes it imported are replaced by those of
+    ``rev``'s ``dist_seg/losses/<name>.py`` and ``dist_seg/heads/probes.py``. Heads and helpers are the
+    working tree's.
     """
     root = Path(__file__).resolve().parent.parent
 
@@ -179,11 +180,13 @@ def methods_at(rev: str) -> dict[str, type[Method]]:
         return module
 
     classes = {}
+    probes = load("dist_seg/heads/probes.py")
     for name in METHODS:
         losses, method = load(f"dist_seg/losses/{name}.py"), load(f"dist_seg/methods/{name}.py")
-        for key, value in vars(losses).items():
-            if callable(value) and getattr(method, key, None) is not None and key in getattr(losses, "__all__", ()):
-                setattr(method, key, value)
+        for source in (losses, probes):
+            for key, value in vars(source).items():
+                if callable(value) and getattr(method, key, None) is not None and key in getattr(source, "__all__", ()):
+                    setattr(method, key, value)
         classes[name] = next(v for v in vars(method).values()
                              if isinstance(v, type) and issubclass(v, Method) and getattr(v, "name", None) == name)
     return classes
