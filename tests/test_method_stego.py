@@ -116,6 +116,15 @@ def test_separable_upsampling_equals_torch_bilinear(size_in, size_out):
     torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
 
 
+def test_linear_probe_trains_after_an_inference_mode_call_of_the_same_size():
+    probe = LinearProbe(4, 3)
+    code, label = torch.randn(2, 4, 5, 7), torch.randint(0, 3, (2, 13, 11))
+    with torch.inference_mode():
+        probe.loss(code, label)  # caches the interpolation matrices for this size
+    probe.loss(code, label).backward()
+    assert probe.conv.weight.grad is not None and probe.conv.weight.grad.abs().sum() > 0
+
+
 def test_linear_probe_all_ignored_is_zero_not_nan():
     probe = LinearProbe(4, 3)
     loss = probe.loss(torch.randn(2, 4, 3, 3), torch.full((2, 6, 6), -1))

@@ -26,9 +26,11 @@ def _bilinear_matrix(n_out: int, n_in: int, device: torch.device, dtype: torch.d
     Built by resampling the identity with :func:`torch.nn.functional.interpolate`, so the weights are
     exactly the ones ``F.interpolate(..., mode="bilinear", align_corners=False)`` applies along one axis.
     """
-    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in signals of length n_in
-    weights = F.interpolate(eye, size=n_out, mode="linear", align_corners=False).squeeze(1).T
-    return weights.to(device=device, dtype=dtype).contiguous()
+    # Cached and shared: never an inference-mode tensor, which autograd could not save for backward later.
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in signals of length n_in
+        weights = F.interpolate(eye, size=n_out, mode="linear", align_corners=False).squeeze(1).T
+        return weights.to(device=device, dtype=dtype).contiguous()
 
 
 def upsample_bilinear(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
