@@ -18,6 +18,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dist_seg.maskdistill.config import MaskDistillConfig
+
 T = TypeVar("T")
 
 
@@ -170,18 +172,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    maskdistill: MaskDistillConfig = field(default_factory=MaskDistillConfig)
 
     def __post_init__(self) -> None:
         validate(self)
 
 
 _CHOICES = {
-    ("method",): ("stego", "ds2dl", "baseline"),
+    ("method",): ("stego", "ds2dl", "baseline", "maskrcnn", "maskdistill"),
     ("baseline", "kind"): ("raw", "pca", "rp"),
     ("stego", "projection_type"): ("linear", "nonlinear"),
     ("ds2dl", "optimizer"): ("adam", "radam"),
     ("train", "mode"): ("online", "cached"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("maskdistill", "detect", "init"): ("ssl", "random"),
+    ("maskdistill", "distil", "init"): ("ssl", "random"),
+    ("maskdistill", "distil", "student"): ("deeplab", "head"),
 }
 
 

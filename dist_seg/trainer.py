@@ -31,7 +31,7 @@ import torch
 
 from dist_seg import distributed as D
 from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
-from dist_seg.methods import build_method
+from dist_seg.methods import build_method, method_class
 from dist_seg.methods.base import Batch, Method, StepContext
 
 log = logging.getLogger("dist_seg.trainer")
@@ -217,16 +217,19 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.train.seed + self.rank)
+        self.images_in = method_class(cfg.method).inputs == "images"
+        if self.images_in and cfg.train.mode == "cached":
+            raise ConfigError(f"method {cfg.method!r} trains on images, not cached features: set train.mode=online")
         self.info = read_data_info(cfg)
         self.backbone = None
-        if cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached):
+        if not self.images_in and (cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached)):
             from dist_seg.backbones import load_backbone
 
             # The backbone runs its own autocast in this dtype (bf16/fp16 on GPUs, fp32 with "no").
             self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
                                           allow_download=cfg.backbone.allow_download,
                                           dtype=cfg.train.mixed_precision).to(self.device)
-        feat_dim = self.info.feat_dim or self.backbone.embed_dim
+        feat_dim = 3 if self.images_in else (self.info.feat_dim or self.backbone.embed_dim)
         method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
                               has_labels=self.info.has_train_labels)
         self.needs_partners = getattr(method, "needs_partners", True)
@@ -325,11 +328,20 @@ class Trainer:
         return self._features(fetched["image"])
 
     def _batches(self) -> Iterator[Batch]:
+        own = self.unwrapped.train_batches(start_step=self.step, local_batch=self.local_batch, device=self.device)
+        if own is not None:
+            yield from own
+            return
+        from dist_seg.data.transforms import normalize
+
         cached = self.cfg.train.mode == "cached"
         loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step)
         for raw in loader:
-            feats = raw["feat"].to(self.device).float() if cached else self._features(raw["image"])
             label = raw["label"].to(self.device) if self.info.has_train_labels else None
+            if self.images_in:
+                yield Batch(images=normalize(raw["image"].to(self.device)), label=label, index=raw["index"])
+                continue
+            feats = raw["feat"].to(self.device).float() if cached else self._features(raw["image"])
             yield Batch(feats=feats, label=label, index=raw["index"])
 
     def _context(self) -> StepContext:
@@ -396,12 +408,14 @@ class Trainer:
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self, *, num_overlays: int = 0, crf: Optional[bool] = None) -> Optional[dict]:
-        if not self.info.has_val:
+        if not self.info.has_val or not self.unwrapped.validates:
             return None
-        from dist_seg.eval.evaluate import backbone_feature_fn, cached_feature_fn, evaluate
+        from dist_seg.eval.evaluate import backbone_feature_fn, cached_feature_fn, evaluate, image_feature_fn
 
         loader, _ = self._loader(self.cfg.data.val_split, infinite=False, shuffle=False, val=True)
-        if self.info.val_cached:
+        if self.images_in:
+            feature_fn = image_feature_fn(self.device)
+        elif self.info.val_cached:
             feature_fn = cached_feature_fn(self.device)
         else:
             feature_fn = backbone_feature_fn(self.backbone, self.device, self.accelerator.autocast)
@@ -466,6 +480,7 @@ class Trainer:
             torch.manual_seed(D.seeded_generator(cfg.train.seed, self.step, "torch", self.rank).initial_seed())
             if self.needs_partners:
                 batch.partner_feats = self._partners(batch.index, ctx)
+            self.unwrapped.before_step(self.step, self.optimizer)
             with self.accelerator.autocast():
                 loss, logs = self.method(batch, ctx)
             finite = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)

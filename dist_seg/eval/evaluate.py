@@ -42,6 +42,17 @@ def backbone_feature_fn(backbone, device: torch.device, autocast=None) -> Featur
     return fn
 
 
+def image_feature_fn(device: torch.device) -> FeatureFn:
+    """Normalised images and their flips, for methods whose ``inputs`` is ``"images"``."""
+    from dist_seg.data.transforms import normalize
+
+    def fn(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = normalize(batch["image"].to(device))
+        return images, images.flip(-1)
+
+    return fn
+
+
 def cached_feature_fn(device: torch.device) -> FeatureFn:
     """Features read from a feature cache (``feat`` and ``feat_flip`` written by ``dist-seg extract``)."""
 

@@ -11,6 +11,7 @@ each rank then takes its own slice (``StepContext.local``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,17 +58,23 @@ class Batch:
     """A training batch on one rank.
 
     Attributes:
-        feats: anchor patch features ``[b, C, h, w]`` (frozen backbone output, no gradient).
+        feats: anchor patch features ``[b, C, h, w]`` (frozen backbone output, no gradient), or None
+            for a method whose ``inputs`` is ``"images"``.
         partner_feats: features of each anchor's KNN partner ``[b, C, h, w]``, or None if the method
             needs none.
         label: pixel labels ``[b, H, W]`` (−1 = ignore) for the linear probe, or None without labels.
         index: global sample indices ``[b]``.
+        images: ImageNet-normalised images ``[b, 3, H, W]`` (``inputs == "images"``), or a list of
+            ``[3, H_i, W_i]`` tensors when a method's own stream yields images of different sizes.
+        targets: per-image dicts of a method's own stream (e.g. boxes, labels and masks for Mask R-CNN).
     """
 
-    feats: torch.Tensor
+    feats: Optional[torch.Tensor] = None
     partner_feats: Optional[torch.Tensor] = None
     label: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
+    images: Optional[torch.Tensor | list[torch.Tensor]] = None
+    targets: Optional[list[dict]] = None
 
 
 def sample_coords(ctx: StepContext, num_samples: int, purpose: str, device: torch.device) -> torch.Tensor:
@@ -93,6 +100,13 @@ class Method(nn.Module):
     """
 
     name: str = "base"
+    # "features": batches carry frozen backbone features (the trainer runs the backbone or reads the
+    # feature cache). "images": batches carry ImageNet-normalised images and the method owns its whole
+    # network (no frozen backbone is loaded; ``feat_dim`` is the 3 image channels).
+    inputs: str = "features"
+    # False for a method without a segmentation output to score (e.g. a detector): the trainer then
+    # skips validation.
+    validates: bool = True
 
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
         super().__init__()
@@ -116,6 +130,19 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_step(self) -> None:
         """Update non-gradient state (e.g. EMA prototypes) after each optimiser step."""
+
+    def train_batches(self, *, start_step: int, local_batch: int, device: torch.device) -> Optional[Iterator[Batch]]:
+        """This rank's training stream when the method reads its data itself, else None (the default).
+
+        A method that needs more than the trainer's stream of crops (variable-size images with instance
+        targets, say) returns an endless iterator of :class:`Batch` here. It must be a deterministic function
+        of ``(cfg.train.seed, step, rank)`` that begins with the batch of step ``start_step``, so a resumed
+        run sees exactly the batches an uninterrupted one would.
+        """
+        return None
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each optimiser step's forward pass (e.g. to set a learning-rate schedule)."""
 
     def encode(self, feats: torch.Tensor) -> torch.Tensor:
         """Code (head output) ``[b, D, h, w]`` of backbone features ``[b, C, h, w]``."""
