@@ -86,13 +86,26 @@ class StegoConfig:
 
 @dataclass(kw_only=True)
 class DS2DLConfig:
-    """DS²DL head, prototypes and losses (SPEC §4)."""
+    """DS²DL head, prototypes and losses (SPEC §4).
+
+    ``affinity_target``: ``backbone`` (SPEC §4 as revised: pair similarity from the frozen backbone features,
+    spatially centred when ``spatial_center``, soft labels ``L_i·L_j`` with gradient) or ``code`` (the first
+    reading, kept for comparison only: similarity of the head's own code, with gradient, labels detached;
+    ``spatial_center`` does not apply). ``bias_init`` / ``bias_lr``: the affinity bias ``b``'s start and its
+    own optimiser group's learning rate. ``l2g_grad_to_code``: let the local-to-global loss train the head
+    too (the first reading); by default it sees the code detached and trains the local prototypes only.
+    """
 
     dim: int = 64
     dropout: float = 0.1
     feature_samples: int = 11
     tau: float = 0.1
     r: float = 2.1
+    affinity_target: str = "backbone"
+    spatial_center: bool = True
+    bias_init: float = -0.5
+    bias_lr: float = 5e-4
+    l2g_grad_to_code: bool = False
     ema_momentum: float = 0.998
     sinkhorn_eps: float = 0.1
     sinkhorn_iters: int = 3
@@ -183,6 +196,7 @@ _CHOICES = {
     ("baseline", "kind"): ("raw", "pca", "rp"),
     ("stego", "projection_type"): ("linear", "nonlinear"),
     ("ds2dl", "optimizer"): ("adam", "radam"),
+    ("ds2dl", "affinity_target"): ("backbone", "code"),
     ("train", "mode"): ("online", "cached"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("maskdistill", "detect", "init"): ("ssl", "random"),

@@ -15,7 +15,8 @@ def config() -> RunConfig:
         data=DataConfig(dataset="cocostuff27", root="data/cocostuff27", res=224, batch_size=32),
         backbone=BackboneConfig(name="dino_vits8"),
         # SPEC §4: r = 2.1 for COCO and 2.22 for Cityscapes is our reading of the paper.
-        ds2dl=DS2DLConfig(dim=64, r=2.1, tau=0.1, optimizer="radam", lr=1e-4, prototype_lr=5e-4),
+        ds2dl=DS2DLConfig(dim=64, r=2.1, tau=0.1, optimizer="radam", lr=1e-4, prototype_lr=5e-4,
+                          bias_init=-0.5, bias_lr=5e-4, affinity_target="backbone", spatial_center=True),
         train=TrainConfig(num_steps=15000, seed=123456, output_dir="runs/ds2dl_coco", val_every=1000,
                           checkpoint_every=500),
     )

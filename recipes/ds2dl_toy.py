@@ -14,9 +14,11 @@ def config() -> RunConfig:
         data=DataConfig(dataset="toy", root="data/toy", res=64, eval_res=64, batch_size=32, num_workers=2,
                         shuffle_buffer=64),
         backbone=BackboneConfig(name="toy"),
-        # SPEC §4's learning rates. Larger ones (1e-3 / 5e-3) drive the toy run to chance level
-        # faster; docs/results.md records why DS²DL does not beat the raw features on this toy data.
-        ds2dl=DS2DLConfig(dim=32, feature_samples=8, r=2.1, optimizer="radam", lr=1e-4, prototype_lr=5e-4),
+        # SPEC §4 (revised) with the toy's faster learning rates and Adam: chosen on held-out *training*
+        # images with tuning seeds 3 and 4 (tools/tune_ds2dl_toy.py; docs/results.md), never on the
+        # validation split of the reported seeds. b keeps SPEC's init -0.5 and its slow lr 5e-4.
+        ds2dl=DS2DLConfig(dim=32, feature_samples=8, r=2.1, optimizer="adam", lr=1e-3, prototype_lr=5e-3,
+                          bias_init=-0.5, bias_lr=5e-4),
         train=TrainConfig(num_steps=300, output_dir="runs/ds2dl_toy", val_every=100, checkpoint_every=100,
                           log_every=10),
         eval=EvalConfig(num_overlays=6),

@@ -59,33 +59,38 @@ def ref_self_label(local, glob, tau):
 
 # ------------------------------------------------------------------------------------------ affinity
 @pytest.mark.parametrize("r", [1.0, 2.1, 6.0])
-@pytest.mark.parametrize("shape", [(2, 9, 9), (3, 4, 5, 4, 5)])
+@pytest.mark.parametrize("shape", [(2, 9, 9), (3, 4, 5, 4, 5), (7,)])
 def test_affinity_loss_matches_transcription(r, shape):
+    """Values and gradients into sim, target and bias: the function is pure (nothing detached inside)."""
     g = _gen(1)
     sim = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
-    target = torch.rand(shape, generator=g, dtype=torch.float64)
-    bias = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(shape, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
     got = affinity_loss(sim, target, bias, r)
-    got.backward()
-    g_sim, g_bias = sim.grad.clone(), bias.grad.clone()
-    sim.grad = None
-    bias.grad = None
+    got_grads = torch.autograd.grad(got, (sim, target, bias))
     want = ref_affinity(sim, target, bias, r)
-    want.backward()
+    want_grads = torch.autograd.grad(want, (sim, target, bias))
     assert got.dim() == 0, "affinity_loss must return a scalar"
     assert torch.allclose(got, want, atol=1e-12), f"r={r}: {got.item()} vs {want.item()}"
-    assert torch.allclose(g_sim, sim.grad, atol=1e-12), f"r={r}: gradient w.r.t. sim differs"
-    assert torch.allclose(g_bias, bias.grad, atol=1e-12), f"r={r}: gradient w.r.t. bias differs"
+    for name, a, b in zip(("sim", "target", "bias"), got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-12), f"r={r}: gradient w.r.t. {name} differs from the transcription"
+    # SPEC §4: d/dy = softplus(−t/r) − softplus(r·t), per pair, divided by the number of pairs of the mean
+    t = (sim + bias).detach()
+    dy = (torch.log(1 + torch.exp(-t / r)) - torch.log(1 + torch.exp(r * t))) / sim.numel()
+    assert torch.allclose(got_grads[1], dy, atol=1e-12), "gradient into the soft labels must be SPEC's closed form"
 
 
 def test_affinity_loss_r1_is_bce_with_logits():
     g = _gen(2)
-    sim = torch.rand(4, 30, 30, generator=g) * 2 - 1
-    target = torch.rand(4, 30, 30, generator=g)
-    bias = torch.tensor(-0.2)
+    sim = (torch.rand(4, 30, 30, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    target = torch.rand(4, 30, 30, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.tensor(-0.2, dtype=torch.float64, requires_grad=True)
     got = affinity_loss(sim, target, bias, 1.0)
     want = F.binary_cross_entropy_with_logits(sim + bias, target)
-    assert torch.allclose(got, want, atol=1e-6), f"r=1 must be BCE with logits: {got.item()} vs {want.item()}"
+    assert torch.allclose(got, want, atol=1e-12), f"r=1 must be BCE with logits: {got.item()} vs {want.item()}"
+    for a, b, name in zip(torch.autograd.grad(got, (sim, target, bias)),
+                          torch.autograd.grad(want, (sim, target, bias)), ("sim", "target", "bias")):
+        assert torch.allclose(a, b, atol=1e-12), f"r=1: gradient w.r.t. {name} differs from BCE with logits"
 
 
 def test_affinity_loss_mining_direction():

@@ -13,6 +13,7 @@ from sklearn.metrics import confusion_matrix
 from dist_seg.eval.metrics import (
     ConfusionMeter,
     apply_assignment,
+    cluster_balance,
     cluster_scores,
     linear_scores,
 )
@@ -264,3 +265,29 @@ def test_two_rank_all_reduce_sums_confusions():
         assert not torch.equal(result["local"], expected.confusion), "test data must differ between ranks"
         assert torch.equal(result["reduced"], expected.confusion), f"rank {rank} did not get the summed confusion"
         assert result["scores"]["mIoU"] == pytest.approx(cluster_scores(expected.confusion)["mIoU"])
+
+
+def test_cluster_balance_measures_collapse_beyond_clusters_used():
+    """Entropy of the predicted-cluster histogram (normalised by log K') and the smallest cluster's share."""
+    balanced = np.array([[10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
+    out = cluster_balance(balanced)
+    assert out["cluster_entropy"] == pytest.approx(1.0) and out["cluster_min_share"] == pytest.approx(25.0)
+    assert out["clusters_used"] == 4 and out["class_entropy"] == pytest.approx(1.0)
+    # every cluster owns a pixel, but one owns almost all: "clusters used" cannot tell, the entropy can
+    collapsed = np.array([[37, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    out = cluster_balance(collapsed)
+    p = np.array([37, 1, 1, 1]) / 40
+    assert out["clusters_used"] == 4
+    assert out["cluster_entropy"] == pytest.approx(float(-(p * np.log(p)).sum() / np.log(4)))
+    assert out["cluster_entropy"] < 0.3 and out["cluster_min_share"] == pytest.approx(2.5)
+    # a cluster with no pixel: share 0; one cluster owns everything: entropy 0
+    assert cluster_balance(np.array([[5, 0], [3, 0]]))["cluster_min_share"] == 0.0
+    assert cluster_balance(np.array([[5, 0], [3, 0]]))["cluster_entropy"] == 0.0
+    # the measures travel with the cluster scores (report JSON) and the flat tracking summary (MLflow)
+    from dist_seg.eval.evaluate import summary
+
+    scores = cluster_scores(torch.tensor(collapsed))
+    assert scores["cluster_entropy"] == pytest.approx(out["cluster_entropy"]) and scores["cluster_min_share"] == 2.5
+    flat = summary({"cluster": scores, "linear": None}, prefix="val/")
+    assert flat["val/cluster_entropy"] == pytest.approx(cluster_balance(collapsed)["cluster_entropy"])
+    assert flat["val/cluster_min_share"] == pytest.approx(2.5)

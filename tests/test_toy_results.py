@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def test_read_row_counts_the_clusters_that_own_pixels(tool, tmp_path):
     row = tool.read_row(path)
     assert row["clusters_used"] == 2 and row["clusters"] == 4
     assert row["cluster_mIoU"] == 33.0 and row["linear_mIoU"] == 40.0
+    # cluster histogram (column sums) 7 / 0 / 8 / 0 of 15 pixels: smallest share 0, entropy of (7/15, 8/15)
+    p = [7 / 15, 8 / 15]
+    assert row["cluster_min_share"] == 0.0
+    assert row["cluster_entropy"] == pytest.approx(-sum(q * math.log(q) for q in p) / math.log(4))
+    # labels 6 / 7 / 2 over K = 3 classes
+    q = [6 / 15, 7 / 15, 2 / 15]
+    assert row["class_entropy"] == pytest.approx(-sum(v * math.log(v) for v in q) / math.log(3))
     write_report(path, 33.0, confusion, None)  # unlabelled runs have no linear probe
     assert tool.read_row(path)["linear_mIoU"] is None
 
@@ -58,6 +66,8 @@ def test_table_counts_wins_against_the_baseline_per_seed(tool, tmp_path):
     table = tool.markdown(rows, ["stego", "raw"], [0, 1, 2])
     assert "STEGO head: mean cluster mIoU 38.0 over 3 seed(s); beats the raw baseline on 2 of 3 seed(s)" in table
     assert "| STEGO head | 1 | 29.0 |" in table
+    # a balanced 2-cluster confusion: 2 / 2 clusters used, entropy 1.00, smallest share 3/7 = 42.9 %
+    assert "| 2 / 2 | 0.99 | 42.9 |" in table
     # a missing run is shown as missing, never silently dropped
     del rows[("stego", 2)]
     assert "| STEGO head | 2 | (missing) |" in tool.markdown(rows, ["stego", "raw"], [0, 1, 2])
@@ -73,11 +83,19 @@ def test_protocol_runs_end_to_end_through_the_cli(tool, tmp_path, capsys):
     table_file = tmp_path / "table.md"
     code = tool.main(["--root", str(root), "--out", str(out), "--seeds", "0", "--markdown", str(table_file), *tiny])
     assert code == 0
-    for method in ("stego", "ds2dl", "raw"):
+    for method in ("stego", "ds2dl", "ds2dl_code", "raw"):
         assert tool.report_path(method, 0, out).is_file(), method
+    import yaml
+
+    saved = yaml.safe_load((out / "ds2dl_code_0" / "config.yaml").read_text())
+    assert saved["ds2dl"]["affinity_target"] == "code", "the first-reading row must run affinity_target=code"
+    assert yaml.safe_load((out / "ds2dl_0" / "config.yaml").read_text())["ds2dl"]["affinity_target"] == "backbone"
     table = table_file.read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "(missing)" not in line]
-    assert len(rows) == 4  # header + one row per method
-    ds2dl_row = next(line for line in rows if line.startswith("| DS²DL"))
-    assert ds2dl_row.rstrip(" |").endswith("/ 5")  # prototypes used out of K = 5
+    assert len(rows) == 5  # header + one row per method
+    ds2dl_row = next(line for line in rows if line.startswith("| DS²DL | "))
+    cells = [c.strip() for c in ds2dl_row.strip("|").split("|")]
+    assert cells[6].endswith("/ 5"), cells  # clusters used out of K = 5
+    entropy, share = float(cells[7]), float(cells[8])
+    assert 0.0 <= entropy <= 1.0 and 0.0 <= share <= 20.0, cells  # the smallest share is at most 100 / K
     assert "beats the raw baseline on" in capsys.readouterr().out

@@ -63,7 +63,7 @@ def test_train_cli_end_to_end(toy_root, tmp_path):
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["params.train.num_steps"] == "6"
     for metric in ("metrics.train/loss", "metrics.val/cluster_mIoU", "metrics.final/linear_Acc",
-                   "metrics.val/label_free",
+                   "metrics.val/label_free", "metrics.val/cluster_entropy", "metrics.final/cluster_min_share",
                    "metrics.train/crops_per_s"):
         assert metric in runs.columns and runs.iloc[0][metric] == runs.iloc[0][metric], f"{metric} not logged"
 

@@ -88,7 +88,8 @@ def test_documented_ds2dl_block_is_valid():
     text = SWEEP.read_text()
     block = re.search(r"# BEGIN DS2DL PARAMS\n(.*?)# END DS2DL PARAMS", text, re.S).group(1)
     params = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))["params"]
-    for key in ("r", "tau", "sinkhorn_eps", "affinity_weight", "l2g_weight", "orth_weight", "self_label_weight"):
+    for key in ("bias_init", "r", "tau", "sinkhorn_eps", "affinity_weight", "l2g_weight", "orth_weight",
+                "self_label_weight", "intra_weight", "cross_weight"):
         assert f"ds2dl.{key}" in params, f"the DS2DL block must search ds2dl.{key}"
     data = {**yaml.safe_load(text), "params": params, "recipe": "recipes/ds2dl_coco.py"}
     spec = T.parse_sweep(data)

@@ -3,20 +3,24 @@
 Runs the documented command-line protocol, one process per run, on the built-in toy dataset:
 
 * ``dist-seg prepare toy --out ROOT`` (skipped when ROOT already holds it);
-* for every seed: ``dist-seg train recipes/stego_toy.py``, ``dist-seg train recipes/ds2dl_toy.py`` and
+* for every seed: ``dist-seg train recipes/stego_toy.py``, ``dist-seg train recipes/ds2dl_toy.py``, the
+  same DS²DL recipe with ``ds2dl.affinity_target=code`` (SPEC §4's first reading, for comparison) and
   ``dist-seg eval --baselines raw --recipe recipes/stego_toy.py`` (the raw backbone features with only
   the probes trained, for the same number of steps as the STEGO recipe), each with ``data.root=ROOT
   train.seed=SEED train.output_dir=OUT/<method>_<SEED> tracking.enabled=false train.resume=false``;
 
 then reads every run's final validation report (``eval/final.json`` of a training run,
 ``baselines/baseline_raw.json`` of the baseline; SPEC §6 protocol: flip averaging, Hungarian matching) and
-prints a markdown table: cluster mIoU / Acc, linear-probe mIoU / Acc, and for DS²DL how many of its K
-prototypes own at least one validation pixel (a collapsed run uses few). A summary line per method gives
-the mean over seeds and on how many seeds the method beats the baseline's cluster mIoU.
+prints a markdown table: cluster mIoU / Acc, linear-probe mIoU / Acc, and three collapse measures of the
+predicted clusters over the validation pixels (``dist_seg.eval.metrics.cluster_balance``, from the cluster
+confusion matrix's column sums): how many of the K clusters own at least one pixel, the assignment entropy
+normalised by log K (1 = balanced, 0 = one cluster owns everything; the labels' own value is printed under
+the table) and the smallest cluster's pixel share. A summary line per method gives the mean over seeds and
+on how many seeds the method beats the baseline's cluster mIoU.
 
 Examples::
 
-    python tools/toy_results.py                                  # seeds 0 1 2, all three methods
+    python tools/toy_results.py                                  # seeds 0 1 2, every row
     python tools/toy_results.py --seeds 0 --methods stego raw    # one seed, STEGO and the baseline
     python tools/toy_results.py --report-only --out runs/toy_results   # re-read finished runs
 """
@@ -34,9 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = {"stego": "recipes/stego_toy.py", "ds2dl": "recipes/ds2dl_toy.py"}
-METHODS = ("stego", "ds2dl", "raw")
-LABELS = {"stego": "STEGO head", "ds2dl": "DS²DL", "raw": "raw features (baseline)"}
+from dist_seg.eval.metrics import cluster_balance
+
+RECIPES = {"stego": "recipes/stego_toy.py", "ds2dl": "recipes/ds2dl_toy.py", "ds2dl_code": "recipes/ds2dl_toy.py"}
+# Overrides that define a row beyond its recipe: the first reading of SPEC §4 next to the revised one.
+VARIANTS = {"ds2dl_code": ["ds2dl.affinity_target=code"]}
+METHODS = ("stego", "ds2dl", "ds2dl_code", "raw")
+LABELS = {"stego": "STEGO head", "ds2dl": "DS²DL", "ds2dl_code": "DS²DL, affinity_target=code",
+          "raw": "raw features (baseline)"}
 
 
 def _cli(*args: str) -> list[str]:
@@ -46,9 +55,9 @@ def _cli(*args: str) -> list[str]:
 
 
 def commands(method: str, seed: int, root: str, out: Path, extra: list[str]) -> list[str]:
-    """The exact CLI command of one run (``method`` in stego / ds2dl / raw)."""
+    """The exact CLI command of one run (``method`` in stego / ds2dl / ds2dl_code / raw)."""
     common = [f"data.root={root}", f"train.seed={seed}", f"train.output_dir={out / f'{method}_{seed}'}",
-              "tracking.enabled=false", "train.resume=false", *extra]
+              "tracking.enabled=false", "train.resume=false", *VARIANTS.get(method, []), *extra]
     if method == "raw":
         return _cli("eval", "--baselines", "raw", "--recipe", RECIPES["stego"], *common)
     return _cli("train", RECIPES[method], *common)
@@ -60,15 +69,17 @@ def report_path(method: str, seed: int, out: Path) -> Path:
 
 
 def read_row(path: Path) -> dict:
-    """Scores of one finished run from its JSON report."""
+    """Scores of one finished run from its JSON report; the collapse measures come from its confusion."""
     data = json.loads(path.read_text())
     confusion = data["cluster_confusion"]  # rows: classes, columns: clusters
-    used = sum(1 for j in range(len(confusion[0])) if any(row[j] > 0 for row in confusion))
+    balance = cluster_balance(confusion)
     linear = data.get("linear") or {}
     return {
         "cluster_mIoU": data["cluster"]["mIoU"], "cluster_Acc": data["cluster"]["Acc"],
         "linear_mIoU": linear.get("mIoU"), "linear_Acc": linear.get("Acc"),
-        "clusters_used": used, "clusters": len(confusion[0]),
+        "clusters_used": balance["clusters_used"], "clusters": len(confusion[0]),
+        "cluster_entropy": balance["cluster_entropy"], "cluster_min_share": balance["cluster_min_share"],
+        "class_entropy": balance["class_entropy"],
     }
 
 
@@ -77,17 +88,19 @@ def _fmt(value) -> str:
 
 
 def markdown(rows: dict[tuple[str, int], dict], methods: list[str], seeds: list[int]) -> str:
-    lines = ["| method | seed | cluster mIoU | cluster Acc | linear mIoU | linear Acc | DS²DL prototypes used |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | seed | cluster mIoU | cluster Acc | linear mIoU | linear Acc | clusters used | "
+             "assignment entropy / log K | smallest cluster share (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
         for seed in seeds:
             r = rows.get((method, seed))
             if r is None:
-                lines.append(f"| {LABELS[method]} | {seed} | (missing) | | | | |")
+                lines.append(f"| {LABELS[method]} | {seed} | (missing) | | | | | | |")
                 continue
-            used = f"{r['clusters_used']} / {r['clusters']}" if method == "ds2dl" else "–"
+            entropy = "–" if r["cluster_entropy"] is None else f"{r['cluster_entropy']:.2f}"
             lines.append(f"| {LABELS[method]} | {seed} | {_fmt(r['cluster_mIoU'])} | {_fmt(r['cluster_Acc'])} | "
-                         f"{_fmt(r['linear_mIoU'])} | {_fmt(r['linear_Acc'])} | {used} |")
+                         f"{_fmt(r['linear_mIoU'])} | {_fmt(r['linear_Acc'])} | "
+                         f"{r['clusters_used']} / {r['clusters']} | {entropy} | {_fmt(r['cluster_min_share'])} |")
     lines.append("")
     for method in methods:
         vals = [rows[(method, s)]["cluster_mIoU"] for s in seeds if (method, s) in rows]
@@ -99,6 +112,10 @@ def markdown(rows: dict[tuple[str, int], dict], methods: list[str], seeds: list[
                     and rows[(method, s)]["cluster_mIoU"] > rows[("raw", s)]["cluster_mIoU"]]
             line += f"; beats the raw baseline on {len(wins)} of {len(vals)} seed(s)"
         lines.append(line)
+    labels = [r["class_entropy"] for r in rows.values() if r.get("class_entropy") is not None]
+    if labels:
+        lines.append(f"- label histogram of the validation pixels: entropy / log K {labels[0]:.2f} "
+                     "(what a perfect clustering would show)")
     return "\n".join(lines)
 
 

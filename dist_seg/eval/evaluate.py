@@ -186,14 +186,18 @@ def evaluate(
 
 
 def summary(result: dict, prefix: str = "") -> dict[str, float]:
-    """Flat metrics for tracking: ``{prefix}cluster_mIoU``, ``{prefix}cluster_Acc``, ``{prefix}linear_*``,
-    ``{prefix}label_free``."""
+    """Flat metrics for tracking: ``{prefix}cluster_mIoU``, ``{prefix}cluster_Acc``, the collapse measures
+    ``{prefix}cluster_entropy`` (normalised by log K') and ``{prefix}cluster_min_share`` (percent),
+    ``{prefix}linear_*``, ``{prefix}label_free``."""
     out = {}
     if result.get("label_free") is not None:
         out[f"{prefix}label_free"] = float(result["label_free"])
     if result.get("cluster") is None:
         return out
     out.update({f"{prefix}cluster_mIoU": result["cluster"]["mIoU"], f"{prefix}cluster_Acc": result["cluster"]["Acc"]})
+    for key in ("cluster_entropy", "cluster_min_share"):
+        if key in result["cluster"]:
+            out[f"{prefix}{key}"] = result["cluster"][key]
     if result.get("linear"):
         out[f"{prefix}linear_mIoU"] = result["linear"]["mIoU"]
         out[f"{prefix}linear_Acc"] = result["linear"]["Acc"]

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 from dist_seg.distributed import all_reduce_sum
 
-__all__ = ["ConfusionMeter", "apply_assignment", "cluster_scores", "linear_scores"]
+__all__ = ["ConfusionMeter", "apply_assignment", "cluster_balance", "cluster_scores", "linear_scores"]
 
 
 class ConfusionMeter:
@@ -141,6 +141,44 @@ def _scores(matched: np.ndarray, num_classes: int) -> dict[str, Any]:
     }
 
 
+def cluster_balance(confusion: Any) -> dict[str, float]:
+    """How evenly the predicted clusters share the counted pixels: a collapse measure.
+
+    Computed from the column sums of the ``[K, K']`` confusion matrix (the predicted-cluster histogram
+    ``p``): ``cluster_entropy`` = ``−Σ p log p / log K'``, the assignment entropy normalised by its maximum
+    (1 = every cluster owns the same share, 0 = one cluster owns every pixel; in nats it is this times
+    ``log K'``); ``cluster_min_share`` = the smallest cluster's share of the pixels, in percent (100/K' when
+    balanced, 0 when a cluster owns nothing); ``clusters_used`` = clusters owning at least one pixel. A run
+    can touch all K' clusters and still be collapsed; the entropy and the smallest share show it. For
+    reference ``class_entropy`` is the same entropy of the label histogram (row sums) normalised by
+    ``log K``: what a perfect clustering would reach.
+
+    Args:
+        confusion: ``[K, K']`` counts indexed [true class, predicted cluster].
+
+    Returns:
+        ``{"cluster_entropy", "cluster_min_share", "clusters_used", "class_entropy"}`` (NaN for an empty
+        matrix).
+    """
+    matrix = _as_numpy_confusion(confusion)
+
+    def entropy(counts: np.ndarray) -> float:
+        total = counts.sum()
+        if total <= 0 or counts.size < 2:
+            return math.nan if total <= 0 else 0.0
+        p = counts[counts > 0] / total
+        return float(-(p * np.log(p)).sum() / math.log(counts.size))
+
+    cols = matrix.sum(axis=0)
+    total = cols.sum()
+    return {
+        "cluster_entropy": entropy(cols),
+        "cluster_min_share": 100.0 * float(cols.min() / total) if total > 0 else math.nan,
+        "clusters_used": int((cols > 0).sum()),
+        "class_entropy": entropy(matrix.sum(axis=1)),
+    }
+
+
 def cluster_scores(confusion: Any) -> dict[str, Any]:
     """Unsupervised scores: Hungarian matching of clusters to classes, then IoU and accuracy.
 
@@ -154,7 +192,9 @@ def cluster_scores(confusion: Any) -> dict[str, Any]:
         clusters, else ``NaN`` (see the module docstring); ``"assignment"``: for each of the ``K'``
         clusters the class it is matched to, ``-1`` when unmatched; ``"matched_confusion"``: a
         ``[K, K]`` int64 array whose column ``j`` sums the cluster(s) matched to class ``j``, with
-        one more column holding the unmatched clusters ("no class") when ``K' > K``.
+        one more column holding the unmatched clusters ("no class") when ``K' > K``; and the collapse
+        measures of :func:`cluster_balance` (``"cluster_entropy"``, ``"cluster_min_share"``,
+        ``"clusters_used"``, ``"class_entropy"``).
     """
     matrix = _as_numpy_confusion(confusion)
     num_classes, num_preds = matrix.shape
@@ -170,6 +210,7 @@ def cluster_scores(confusion: Any) -> dict[str, Any]:
     out = _scores(matched, num_classes)
     out["assignment"] = assignment.tolist()
     out["matched_confusion"] = matched.astype(np.int64)
+    out.update(cluster_balance(matrix))
     return out
 
 

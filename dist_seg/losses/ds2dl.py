@@ -14,15 +14,19 @@ __all__ = ["affinity_loss", "l2g_loss", "orthogonality_loss", "self_label_loss",
 
 
 def affinity_loss(sim: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | float, r: float) -> torch.Tensor:
-    """Binary pair classification with reversed directional mining (paper Eq. 1–3).
+    """Binary pair classification with reversed directional mining (paper Eq. 1–3, SPEC §4).
 
     With ``t = sim + bias`` the loss of a pair is ``y·softplus(−t/r) + (1−y)·softplus(r·t)``: positives are
     scaled by ``1/r`` (easy positives weigh more), negatives by ``r`` (hard negatives weigh more). For
-    ``r = 1`` this is binary cross-entropy with logits ``t``.
+    ``r = 1`` this is binary cross-entropy with logits ``t``. The gradient into ``y`` is
+    ``softplus(−t/r) − softplus(r·t)``: pairs with ``sim > −bias`` are pulled towards sharing a label.
+
+    Pure: nothing is detached here. What carries gradient is the caller's choice (SPEC §4's default: ``sim``
+    is the frozen backbone similarity, a constant; ``target = L_i·L_j`` and ``bias`` are trained).
 
     Args:
-        sim: pair similarities ``<norm(x_i), norm(x_j)>``, any shape.
-        target: soft pair labels ``y`` in [0, 1], same shape as ``sim`` (treated as a constant).
+        sim: pair similarities ``S_ij``, any shape.
+        target: soft pair labels ``y`` in [0, 1], same shape as ``sim``.
         bias: the learnable scalar ``b`` (tensor or float).
         r: mining strength, ``r > 0``.
 
@@ -34,8 +38,7 @@ def affinity_loss(sim: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | 
     if r <= 0:
         raise ValueError(f"the mining strength r must be positive, got r={r}")
     t = sim + bias
-    y = target.detach()
-    return (y * F.softplus(-t / r) + (1 - y) * F.softplus(r * t)).mean()
+    return (target * F.softplus(-t / r) + (1 - target) * F.softplus(r * t)).mean()
 
 
 @torch.no_grad()

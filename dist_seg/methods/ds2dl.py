@@ -1,15 +1,20 @@
-"""DS²DL: dual-structure self-distilled learning (SPEC §4, paper 004).
+"""DS²DL: dual-structure self-distilled learning (SPEC §4 as revised, paper 004).
 
 One step on this rank's images ``f`` ``[b, C, h, w]``:
 
 * ``x = head(f)`` ``[b, D, h, w]``; ``inner_l = <norm(x).detach(), norm(P_l)>``,
   ``inner_g = <norm(x), norm(P_g)>`` (global prototypes are an EMA buffer); label feature
-  ``L = softmax(inner_g/τ)``.
-* Affinity (Eq. 1–3): S×S points per image (coordinates drawn for the global batch), pairs within each
-  image and with the image's derangement partner in the *global* batch (sampled codes gathered from all
-  ranks with gradient, label features without), soft labels ``y = L_i·L_j``.
-* Cluster structure: Sinkhorn codes from ``inner_g`` per image (Eq. 5), local-to-global prediction
-  (Eq. 4), orthogonality of ``P_l`` (Eq. 6), self-labelling of ``inner_l`` by ``argmax inner_g`` (Eq. 7).
+  ``L = softmax(inner_g/τ)`` *with gradient* into ``x``.
+* Affinity (Eq. 1–3): S×S points per image (coordinates drawn for the global batch); the backbone features
+  and ``L`` are sampled at the same points. Pair similarity ``S_ij = <norm(f_i), norm(f_j)>`` (no gradient),
+  spatially centred with the mean ``m`` taken over the global batch; ``t = S + b``; soft labels
+  ``y = L_i·L_j`` with gradient. Pairs within each image and with the image's derangement partner in the
+  *global* batch (the partner's sampled features gathered without gradient, its sampled ``L`` with
+  gradient, so the partner's head is trained on the rank that owns it).
+  ``affinity_target=code`` keeps the first reading (similarity of the sampled code, labels detached).
+* Cluster structure: Sinkhorn codes from ``inner_g`` per image (Eq. 5), local-to-global prediction on the
+  detached code (Eq. 4), orthogonality of ``P_l`` (Eq. 6), self-labelling of ``inner_l`` by
+  ``argmax inner_g`` (Eq. 7).
 
 Every term is a mean over this rank's images (or, for the orthogonality term, identical on every rank),
 so DDP's gradient averaging gives the gradient of the loss of the whole global batch.
@@ -48,8 +53,9 @@ class DS2DLMethod(Method):
     """DS²DL head, local/global prototypes, learnable affinity bias and optional STEGO probes.
 
     Modules: ``head`` (:class:`DS2DLHead`), ``prototypes`` (:class:`Prototypes`), ``bias`` (the scalar
-    ``b`` of the affinity loss, init 0), and when ``cfg.ds2dl.train_probes`` a ``cluster_probe`` and, with
-    labels, a ``linear_probe``, both trained on ``x.detach()`` so no label reaches the head.
+    ``b`` of the affinity loss, init ``ds2dl.bias_init``), and when ``cfg.ds2dl.train_probes`` a
+    ``cluster_probe`` and, with labels, a ``linear_probe``, both trained on ``x.detach()`` so no label
+    reaches the head.
     """
 
     name = "ds2dl"
@@ -60,11 +66,13 @@ class DS2DLMethod(Method):
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
         super().__init__(cfg, feat_dim=feat_dim, num_classes=num_classes, has_labels=has_labels)
         c = cfg.ds2dl
+        if c.affinity_target not in ("backbone", "code"):
+            raise ValueError(f"ds2dl.affinity_target must be 'backbone' or 'code', got {c.affinity_target!r}")
         if c.sinkhorn_eps <= 0 or c.tau <= 0:
             raise ValueError(f"ds2dl.sinkhorn_eps and ds2dl.tau must be positive, got {c.sinkhorn_eps} and {c.tau}")
         self.head = DS2DLHead(feat_dim, c.dim, dropout=c.dropout)
         self.prototypes = Prototypes(num_classes, c.dim, momentum=c.ema_momentum)
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.tensor(float(c.bias_init)))
         self.cluster_probe: ClusterProbe | None = ClusterProbe(c.dim, num_classes) if c.train_probes else None
         self.linear_probe: LinearProbe | None = (
             LinearProbe(c.dim, num_classes) if c.train_probes and has_labels else None
@@ -72,17 +80,17 @@ class DS2DLMethod(Method):
 
     # ------------------------------------------------------------------------------------ optimiser
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """Adam or RAdam (``cfg.ds2dl.optimizer``) with groups ``head`` (lr), ``prototypes`` (prototype_lr)
-        and, when probes are trained, ``probes`` (probe_lr).
+        """Adam or RAdam (``cfg.ds2dl.optimizer``) with groups ``head`` (lr), ``prototypes`` (prototype_lr),
+        ``bias`` (bias_lr) and, when probes are trained, ``probes`` (probe_lr).
 
-        The affinity bias ``b`` sits in the ``prototypes`` group: like the prototypes it is a parameter
-        of the losses rather than of the feature map, and a single scalar that must travel across the
-        cosine range [-1, 1] benefits from the larger prototype learning rate.
+        The affinity bias ``b`` has its own group (SPEC §4): it decides which backbone similarities attract,
+        and at the prototypes' rate it runs away downward and the partition dissolves.
         """
         c = self.cfg.ds2dl
         groups = [
             {"name": "head", "params": list(self.head.parameters()), "lr": c.lr},
-            {"name": "prototypes", "params": [self.prototypes.local, self.bias], "lr": c.prototype_lr},
+            {"name": "prototypes", "params": [self.prototypes.local], "lr": c.prototype_lr},
+            {"name": "bias", "params": [self.bias], "lr": c.bias_lr},
         ]
         probe_params = [p for m in (self.cluster_probe, self.linear_probe) if m is not None for p in m.parameters()]
         if probe_params:
@@ -119,14 +127,16 @@ class DS2DLMethod(Method):
         pg = self.prototypes.normalized_global().float()
         inner_g = _cosine_logits(xn, pg)
         inner_g_const = inner_g.detach()
-        inner_l = _cosine_logits(xn.detach(), pl)  # self-labelling trains the prototypes only
-        label_feat = torch.softmax(inner_g_const / c.tau, dim=1)
+        inner_l = _cosine_logits(xn.detach(), pl)  # self-labelling (and by default L2G) train the prototypes only
+        # SPEC §4: the label features carry gradient into x (through inner_g) in the revised reading; the
+        # first reading ("code") used them as constant pair labels.
+        label_feat = torch.softmax((inner_g if c.affinity_target == "backbone" else inner_g_const) / c.tau, dim=1)
 
-        loss_intra, loss_cross = self._affinity(x, label_feat, ctx)
+        loss_intra, loss_cross = self._affinity(batch.feats, x, label_feat, ctx)
         loss_affinity = c.intra_weight * loss_intra + c.cross_weight * loss_cross
 
         codes = sinkhorn(inner_g_const, c.sinkhorn_eps, c.sinkhorn_iters)
-        loss_l2g = l2g_loss(codes, _cosine_logits(xn, pl), c.tau)
+        loss_l2g = l2g_loss(codes, _cosine_logits(xn, pl) if c.l2g_grad_to_code else inner_l, c.tau)
         loss_orth = orthogonality_loss(self.prototypes.local.float())
         loss_self = self_label_loss(inner_l, inner_g_const, c.tau)
 
@@ -161,34 +171,72 @@ class DS2DLMethod(Method):
         return total, dict(zip(names, values))
 
     def _affinity(
-        self, x: torch.Tensor, label_feat: torch.Tensor, ctx: StepContext
+        self, feats: torch.Tensor, x: torch.Tensor, label_feat: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Intra-image and cross-image affinity losses (each a mean over its pairs)."""
+        """Intra-image and cross-image affinity losses (each a mean over its pairs).
+
+        ``feats`` are the backbone features, ``x`` the code and ``label_feat`` ``L`` (with or without
+        gradient, as the caller decided), all of this rank's images.
+        """
         c = self.cfg.ds2dl
         coords = sample_coords(ctx, c.feature_samples, "coords", x.device)
-        xs = F.normalize(grid_sample(x, coords), dim=1, eps=1e-10).flatten(2)  # [b, D, S²]
-        ls = grid_sample(label_feat, coords).flatten(2)  # [b, K, S²], rows are still distributions
-        loss_intra = affinity_loss(
-            torch.einsum("bdi,bdj->bij", xs, xs), torch.einsum("bki,bkj->bij", ls, ls), self.bias, c.r
-        )
-        if c.cross_weight == 0:
-            return loss_intra, torch.zeros((), device=x.device, dtype=loss_intra.dtype)
-        if ctx.global_batch < 2:
+        ls = grid_sample(label_feat, coords).flatten(2)  # [b, K, S²], columns are still distributions
+        if c.affinity_target == "backbone":
+            with torch.no_grad():
+                sim_src = F.normalize(grid_sample(feats.float(), coords), dim=1, eps=1e-10).flatten(2)  # [b, C, S²]
+        else:
+            sim_src = F.normalize(grid_sample(x, coords), dim=1, eps=1e-10).flatten(2)  # [b, D, S²], with grad
+        use_cross = c.cross_weight != 0
+        if use_cross and ctx.global_batch < 2:
             raise ValueError(
                 "DS²DL cross-image pairs need a global batch of at least 2 images; raise data.batch_size "
                 "or set ds2dl.cross_weight=0"
             )
-        all_xs = D.all_gather_with_grad(xs)
-        all_ls = D.all_gather(ls)
-        perm = D.derangement(ctx.global_batch, ctx.generator("cross"))
-        partner = ctx.local(perm).to(x.device)
-        loss_cross = affinity_loss(
-            torch.einsum("bdi,bdj->bij", xs, all_xs[partner]),
-            torch.einsum("bki,bkj->bij", ls, all_ls[partner]),
-            self.bias,
-            c.r,
-        )
+        if use_cross:
+            perm = D.derangement(ctx.global_batch, ctx.generator("cross"))
+            partner = ctx.local(perm).to(x.device)
+            # The partner's label features are trained through this rank's loss too, so they are gathered
+            # with gradient; the backbone side is a constant (the code side, in the first reading, is not).
+            gather_sim = D.all_gather if c.affinity_target == "backbone" else D.all_gather_with_grad
+            gather_lab = D.all_gather_with_grad if c.affinity_target == "backbone" else D.all_gather
+            sim_partner = gather_sim(sim_src)[partner]
+            ls_partner = gather_lab(ls)[partner]
+
+        sim_intra = torch.einsum("bci,bcj->bij", sim_src, sim_src)
+        sim_cross = torch.einsum("bci,bcj->bij", sim_src, sim_partner) if use_cross else None
+        if c.affinity_target == "backbone" and c.spatial_center:
+            sim_intra, sim_cross = self._spatial_center(sim_src, sim_partner if use_cross else None,
+                                                        sim_intra, sim_cross, ctx)
+        loss_intra = affinity_loss(sim_intra, torch.einsum("bki,bkj->bij", ls, ls), self.bias, c.r)
+        if not use_cross:
+            return loss_intra, torch.zeros((), device=x.device, dtype=loss_intra.dtype)
+        loss_cross = affinity_loss(sim_cross, torch.einsum("bki,bkj->bij", ls, ls_partner), self.bias, c.r)
         return loss_intra, loss_cross
+
+    @staticmethod
+    @torch.no_grad()
+    def _spatial_center(
+        fa: torch.Tensor, fb: torch.Tensor | None, sim_intra: torch.Tensor, sim_cross: torch.Tensor | None,
+        ctx: StepContext,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """STEGO's ``pointwise`` centring of each pair tensor ``[b, S², S²]`` (SPEC §4).
+
+        ``m = S.mean()`` is the mean over the *global* batch, so the loss does not depend on how the batch
+        is split over ranks (as for STEGO, docs/decisions.md). The mean of all dot products of two point
+        sets is the dot product of their means, so each image's share costs ``O(C·S²)``; the intra and cross
+        sums travel in one all-reduce. Rows are then centred over the partner's points (``mean_j``), the
+        remaining (rounding-level) mean is removed and ``m`` restored.
+        """
+        sums = [(fa.mean(-1) * fa.mean(-1)).sum(1).sum().reshape(1)]
+        if fb is not None:
+            sums.append((fa.mean(-1) * fb.mean(-1)).sum(1).sum().reshape(1))
+        means = D.all_reduce_sum(torch.cat(sums)) / ctx.global_batch
+
+        def center(sim: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            sim = sim - sim.mean(dim=2, keepdim=True)
+            return sim - sim.mean() + m
+
+        return center(sim_intra, means[0]), (center(sim_cross, means[1]) if sim_cross is not None else None)
 
     @torch.no_grad()
     def _prototype_usage(self, inner_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
