@@ -99,6 +99,8 @@ COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
 DEFAULT_COLUMNS = tuple(COLUMNS)
 # Parameters that differ between any two runs but say nothing about the model.
 NOISY_PARAMS = ("train.output_dir", "tracking.", "sweep.")
+# Config sections that belong to one method (cfg.method): shown only for that method's runs.
+METHOD_SECTIONS = ("stego", "ds2dl", "baseline")
 PARENT_TAG = "tags.mlflow.parentRunId"
 GAP = "  "
 
@@ -262,12 +264,23 @@ def differing_params(rows: Sequence, *, all_params: bool = False) -> list[str]:
     out = []
     for col in sorted(keys):
         name = col[len("params."):]
-        if name.startswith(NOISY_PARAMS):
+        if name.startswith(NOISY_PARAMS) or name == "method":  # the method has its own column
             continue
-        values = {str(row.get(col)) if not _missing(row.get(col)) else "-" for row in rows}
-        if all_params or len(values) > 1:
+        # A method's section (stego.*) only differs between runs of that method: the STEGO settings of a
+        # DS2DL run are defaults nobody read.
+        own = [row for row in rows if _reads(row, name)]
+        values = {str(row.get(col)) if not _missing(row.get(col)) else "-" for row in own}
+        if own and (all_params or len(values) > 1):
             out.append(name)
     return out
+
+
+def _reads(row, param: str) -> bool:
+    """Whether the run ``row`` uses ``param``: a method section's keys belong to runs of that method only."""
+    section = param.split(".", 1)[0]
+    if section not in METHOD_SECTIONS:
+        return True
+    return _value(row, "method") == section
 
 
 def _display_name(row, depth: int, siblings: Sequence[str]) -> str:
@@ -345,7 +358,8 @@ def table_rows(table, *, sort: str = "cluster mIoU", ascending: bool = False, co
                 key = label if label.startswith(("metrics.", "params.", "tags.")) or label in row.index \
                     else f"params.{label}"
                 value = row.get(key)
-                record[label] = None if _missing(value) else value
+                unread = key.startswith("params.") and not _reads(row, key[len("params."):])
+                record[label] = None if _missing(value) or unread else value
         out.append(record)
     return labels, out, fixed
 
