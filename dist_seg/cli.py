@@ -16,9 +16,9 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dist_seg.data.prepare", "write image shards for a dataset (toy, folder, cocostuff27, ...)"),
     "extract": ("dist_seg.features", "run the frozen backbone once and write feature shards"),
-    "knn": ("dist_seg.knn", "mine the exact k-nearest-neighbour table of the training crops"),
+    "knn": ("dist_seg.knn_table", "mine the exact k-nearest-neighbour table of the training crops"),
     "train": ("dist_seg.trainer", "train a method (STEGO, DS2DL) from a recipe"),
-    "eval": ("dist_seg.eval.evaluate", "evaluate a checkpoint or a baseline on the validation split"),
+    "eval": ("dist_seg.eval_command", "evaluate a checkpoint or a baseline on the validation split"),
     "sweep": ("dist_seg.tune", "hyperparameter sweep with Ray Tune from a YAML file"),
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
     "runs": ("dist_seg.tracking", "compare tracked MLflow runs"),

@@ -26,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from dist_seg.data.manifest import read_manifest
     from dist_seg.data.toy import generate_toy
     from dist_seg.eval.evaluate import format_table
+    from dist_seg.runtime import load_recipe, make_accelerator, setup_logging
     from dist_seg.tracking import tracking_uri
-    from dist_seg.trainer import load_recipe, make_accelerator, setup_logging, train, train_baseline
+    from dist_seg.trainer import train, train_baseline
 
     setup_logging()
     root = Path(args.root)

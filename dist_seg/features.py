@@ -8,6 +8,9 @@ crop type, and training refuses a cache that does not match its recipe.
 
 Extraction maps input shard *i* to feature shard *i*, so ranks split the work by shard, each output is
 written under a temporary name and renamed when complete, and a re-run skips finished shards.
+
+:func:`read_data_info` is what a run (training or evaluation) learns from the dataset manifest and, in
+``cached`` mode, from the cache it checks (:func:`check_feature_cache`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +42,74 @@ def read_cache_info(cache: str | Path) -> dict:
         raise FileNotFoundError(f"no feature cache at {cache}: build it with `dist-seg extract RECIPE` "
                                 f"(or train with train.mode=online)")
     return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------ a run's data
+@dataclass(kw_only=True)
+class DataInfo:
+    """What a run (the trainer, ``dist-seg eval``) learns from the dataset (and feature-cache) manifests."""
+
+    root: str
+    num_classes: int
+    class_names: Optional[list]
+    colors: Optional[list]
+    has_train_labels: bool
+    has_val: bool
+    has_val_labels: bool
+    num_train: int
+    cache: Optional[str]
+    feat_dim: Optional[int]
+    val_cached: bool = False
+
+
+def read_data_info(cfg) -> DataInfo:
+    """The dataset facts of the run ``cfg``; in ``cached`` mode its feature cache is checked too.
+
+    Raises:
+        ConfigError: no dataset at ``data.root``, no such split, no class count, or a mismatched cache.
+    """
+    from dist_seg.config import ConfigError
+    from dist_seg.data.manifest import read_manifest
+    from dist_seg.runtime import default_cache_dir
+
+    try:
+        manifest = read_manifest(cfg.data.root)
+    except FileNotFoundError:
+        raise ConfigError(f"no dataset at {cfg.data.root}: create it with "
+                          f"`dist-seg prepare {cfg.data.dataset} --out {cfg.data.root}`"
+                          + ("" if cfg.data.dataset == "toy" else " --src <where you unpacked it>")
+                          + " (see docs/datasets.md)") from None
+    if cfg.data.train_split not in manifest.splits:
+        raise ConfigError(f"{cfg.data.root} has no '{cfg.data.train_split}' split (it has {sorted(manifest.splits)})")
+    num_classes = cfg.num_classes or manifest.num_classes
+    if num_classes is None:
+        raise ConfigError(f"{cfg.data.root} has no classes in its manifest: set num_classes=K (the number of clusters)")
+    train = manifest.splits[cfg.data.train_split]
+    val = manifest.splits.get(cfg.data.val_split)
+    cache, feat_dim, val_cached = None, None, False
+    if cfg.train.mode == "cached":
+        cache = cfg.data.feature_cache or default_cache_dir(cfg)
+        feat_dim = check_feature_cache(cfg, cache)
+        val_cached = val is not None and cfg.data.val_split in read_manifest(cache).splits
+    return DataInfo(root=cfg.data.root, num_classes=num_classes, class_names=manifest.class_names,
+                    colors=manifest.colors, has_train_labels=train.has_labels,
+                    has_val=val is not None, has_val_labels=val is not None and val.has_labels,
+                    num_train=train.num_samples,
+                    cache=cache, feat_dim=feat_dim, val_cached=val_cached)
+
+
+def check_feature_cache(cfg, cache: str) -> int:
+    """Refuse a feature cache built with another backbone or resolution; return its channel count."""
+    from dist_seg.config import ConfigError
+
+    info = read_cache_info(cache)
+    want = {"backbone": cfg.backbone.name, "res": cfg.data.res, "eval_res": cfg.data.eval_res}
+    for key, value in want.items():
+        if info.get(key) != value:
+            raise ConfigError(
+                f"feature cache {cache} was built with {key}={info.get(key)!r} but this run uses {value!r}; "
+                f"re-run `dist-seg extract` with this recipe or point data.feature_cache elsewhere")
+    return int(info["feat_dim"])
 
 
 def _png_bytes(label: np.ndarray) -> bytes:
@@ -107,7 +179,7 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
     """Build (or complete) the feature cache of a run config's dataset; returns the cache folder."""
     from dist_seg.backbones import load_backbone
     from dist_seg.data.manifest import read_manifest
-    from dist_seg.trainer import default_cache_dir, make_accelerator
+    from dist_seg.runtime import default_cache_dir, make_accelerator
 
     own = accelerator is None
     accelerator = accelerator or make_accelerator(cfg)
@@ -183,7 +255,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dist_seg.config import ConfigError
-    from dist_seg.trainer import load_recipe, resolve_config, setup_logging
+    from dist_seg.runtime import load_recipe, resolve_config, setup_logging
 
     setup_logging()
     try:

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dist_seg.backbones import load_backbone
     from dist_seg.eval.plots import colorize, default_palette
-    from dist_seg.trainer import load_method_checkpoint, setup_logging
+    from dist_seg.runtime import setup_logging
+    from dist_seg.trainer import load_method_checkpoint
 
     setup_logging()
     device = torch.device(args.device)

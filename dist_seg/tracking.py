@@ -3,6 +3,10 @@
 Tracking is on by default with MLflow's local default store (``sqlite:///mlflow.db`` in the working
 directory); ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` point it elsewhere and ``tracking.enabled=false``
 turns it off. Only the main process logs: a :class:`Tracker` built on another rank does nothing.
+
+``dist-seg runs`` reads the runs back (:func:`search`) and prints them like the papers' tables
+(:func:`format_runs`): one row per run, a sweep's trials under their parent run, the scores, and the
+parameters that differ between the rows listed, sorted by a metric and fitted to the terminal.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import argparse
 import logging
 import math
 import os
-from collections.abc import Mapping
+import shutil
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -77,35 +83,354 @@ class Tracker:
             self.run_id = None
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", default="dist_seg", help="MLflow experiment name")
-    parser.add_argument("--uri", default=None, help=f"tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
-    parser.add_argument("--sort", default="metrics.val/cluster_mIoU", help="column to sort by (descending)")
-    parser.add_argument("--ascending", action="store_true", help="sort ascending (for losses)")
-    parser.add_argument("--limit", type=int, default=20, help="rows to show")
-    parser.add_argument("--best", action="store_true", help="print the best run's config as recipe overrides")
-    parser.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
+# ---------------------------------------------------------------------------------------- runs table
+# Column label -> the search_runs column it shows (first one present wins) and how it is printed.
+COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
+    "run": (("tags.mlflow.runName",), "text"),
+    "method": (("tags.method", "params.method"), "text"),
+    "dataset": (("params.data.dataset", "tags.dataset"), "text"),
+    "status": (("status",), "text"),
+    "steps": (("steps",), "text"),
+    "cluster mIoU": (("metrics.val/cluster_mIoU",), "score"),
+    "cluster Acc": (("metrics.val/cluster_Acc",), "score"),
+    "linear mIoU": (("metrics.val/linear_mIoU",), "score"),
+    "label-free": (("metrics.val/label_free",), "fraction"),
+}
+DEFAULT_COLUMNS = tuple(COLUMNS)
+# Parameters that differ between any two runs but say nothing about the model.
+NOISY_PARAMS = ("train.output_dir", "tracking.", "sweep.")
+# Config sections that belong to one method (cfg.method): shown only for that method's runs.
+METHOD_SECTIONS = ("stego", "ds2dl", "baseline")
+PARENT_TAG = "tags.mlflow.parentRunId"
+GAP = "  "
 
 
-def runs_table(experiment: str, *, uri: Optional[str] = None, sort: str = "metrics.val/cluster_mIoU",
-               ascending: bool = False, all_params: bool = False):
-    """A pandas table of the experiment's runs: differing params, final metrics, duration."""
+class RunsError(LookupError):
+    """No runs to show; the message says which experiments exist."""
+
+
+def _store_experiments(uri: str) -> list[tuple[str, int]]:
+    """(name, number of runs) of every active experiment in the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    out = []
+    for exp in client.search_experiments():
+        out.append((exp.name, len(client.search_runs([exp.experiment_id], max_results=1000))))
+    return out
+
+
+def search(experiment: Optional[str] = None, *, uri: Optional[str] = None, filter_string: str = ""):
+    """The runs of ``experiment`` (or of every experiment) as MLflow's pandas table, plus a ``steps`` column.
+
+    Args:
+        experiment: an experiment name; ``None`` searches every experiment of the store.
+        uri: tracking URI (default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        filter_string: MLflow search syntax, e.g. ``"params.method = 'stego' and metrics.`val/cluster_mIoU` > 20"``.
+
+    Raises:
+        RunsError: nothing found; the message lists the experiments that exist (and their run counts).
+    """
     import mlflow
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    table = mlflow.search_runs(experiment_names=[experiment])
-    if table.empty:
-        return table
-    if sort in table.columns:
-        table = table.sort_values(sort, ascending=ascending, na_position="last")
-    param_cols = [c for c in table.columns if c.startswith("params.")]
-    if not all_params:
-        param_cols = [c for c in param_cols if table[c].astype(str).nunique(dropna=False) > 1]
-    metric_cols = [c for c in table.columns if c.startswith("metrics.") and ("val/" in c or "final/" in c)]
-    table = table.assign(duration_s=(table["end_time"] - table["start_time"]).dt.total_seconds())
-    keep = ["run_id", "tags.mlflow.runName", "status", "duration_s", *metric_cols, *param_cols]
-    return table[[c for c in keep if c in table.columns]]
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    named = client.get_experiment_by_name(experiment) if experiment else None
+    table = None
+    if not experiment or named is not None:
+        kwargs = {"experiment_ids": [named.experiment_id]} if named else {"search_all_experiments": True}
+        try:
+            table = mlflow.search_runs(filter_string=filter_string, **kwargs)
+        except mlflow.exceptions.MlflowException as err:
+            raise RunsError(f"bad --filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+    if table is None or table.empty:
+        existing = [f"'{name}' ({count} runs)" for name, count in _store_experiments(uri) if count]
+        where = f"experiment '{experiment}'" if experiment else "any experiment"
+        match = f" matching {filter_string!r}" if filter_string else ""
+        known = ("; experiments with runs: " + ", ".join(existing)) if existing else "; the store has no runs yet"
+        raise RunsError(f"no runs{match} in {where} at {uri}{known}")
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    table = table.assign(experiment=table["experiment_id"].map(names))
+    steps = []
+    for _, row in table.iterrows():
+        # The last step the trainer logged (every train.log_every steps and at the end) of the planned steps.
+        history = client.get_metric_history(row["run_id"], "train/loss")
+        done = max((m.step for m in history), default=None)
+        planned = row.get("params.train.num_steps")
+        if done is None:
+            steps.append("")
+        else:
+            steps.append(f"{done}/{planned}" if isinstance(planned, str) and planned else str(done))
+    return table.assign(steps=steps)
+
+
+def _value(row, label: str):
+    sources, _ = COLUMNS.get(label, ((label,), "raw"))
+    for col in sources:
+        if col in row.index and not _missing(row[col]):
+            value = row[col]
+            if col == "tags.dataset" and isinstance(value, str):
+                return Path(value).name  # the tag holds data.root; its last folder names the dataset
+            return value
+    return None
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def _fmt_cell(value, kind: str) -> str:
+    if _missing(value):
+        return "-"
+    if kind == "score":
+        return f"{float(value):.2f}"
+    if kind == "fraction":
+        return f"{float(value):.4f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    try:  # params are strings: shorten long floats ("0.00123456789" -> "0.001235")
+        number = float(text)
+        if "." in text or "e" in text.lower():
+            return f"{number:.4g}"
+    except ValueError:
+        pass
+    return text
+
+
+def _metric_column(sort: str) -> str:
+    """``--sort`` as a search_runs column: a column label, ``val/x``, or ``metrics.val/x``."""
+    if sort in COLUMNS:
+        return COLUMNS[sort][0][0]
+    if sort.startswith(("metrics.", "params.", "tags.", "attributes.")) or sort in ("status", "start_time"):
+        return sort
+    return f"metrics.{sort}"
+
+
+def _order(table, sort: str, ascending: bool):
+    """Rows in display order: top-level runs by ``sort``, a sweep's trials right under it, sorted alike.
+
+    A parent run without the metric itself (a sweep) is placed by its best trial. Returns a list of
+    ``(row, depth)`` with depth 1 for trials.
+    """
+    col = _metric_column(sort)
+
+    def key(value):
+        missing = _missing(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+            missing = True
+        return (missing, number if ascending else -number)
+
+    ids = set(table["run_id"])
+    parent_of = table[PARENT_TAG] if PARENT_TAG in table else None
+    children: dict[str, list] = {}
+    top = []
+    for _, row in table.iterrows():
+        parent = None if parent_of is None else parent_of.get(row.name)
+        if not _missing(parent) and parent in ids:
+            children.setdefault(parent, []).append(row)
+        else:
+            top.append(row)
+
+    def own(row):
+        return row[col] if col in row.index else None
+
+    def group_key(row):
+        values = [own(row)] + [own(c) for c in children.get(row["run_id"], [])]
+        keys = sorted(key(v) for v in values)
+        return keys[0]
+
+    out = []
+    for row in sorted(top, key=group_key):
+        out.append((row, 0))
+        for child in sorted(children.get(row["run_id"], []), key=lambda r: key(own(r))):
+            out.append((child, 1))
+    return out
+
+
+def differing_params(rows: Sequence, *, all_params: bool = False) -> list[str]:
+    """Parameter keys (without ``params.``) whose values differ between ``rows`` (or all, with ``all_params``)."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(c for c in row.index if c.startswith("params.") and c not in keys)
+    # A sweep's parent run logs only sweep.* params: it must not make every trial parameter look different.
+    rows = [r for r in rows if any(not _missing(r.get(c)) for c in keys
+                                   if not c[len("params."):].startswith(NOISY_PARAMS))]
+    out = []
+    for col in sorted(keys):
+        name = col[len("params."):]
+        if name.startswith(NOISY_PARAMS) or name == "method":  # the method has its own column
+            continue
+        # A method's section (stego.*) only differs between runs of that method: the STEGO settings of a
+        # DS2DL run are defaults nobody read.
+        own = [row for row in rows if _reads(row, name)]
+        values = {str(row.get(col)) if not _missing(row.get(col)) else "-" for row in own}
+        if own and (all_params or len(values) > 1):
+            out.append(name)
+    return out
+
+
+def _reads(row, param: str) -> bool:
+    """Whether the run ``row`` uses ``param``: a method section's keys belong to runs of that method only."""
+    section = param.split(".", 1)[0]
+    if section not in METHOD_SECTIONS:
+        return True
+    return _value(row, "method") == section
+
+
+def _display_name(row, depth: int, siblings: Sequence[str]) -> str:
+    name = str(_value(row, "run") or row["run_id"][:8])
+    if depth == 0:
+        return name
+    # Trials of one sweep share a long prefix (dist_seg_trial_<sweep id>_): show what tells them apart.
+    prefix = os.path.commonprefix(list(siblings)) if len(siblings) > 1 else ""
+    prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
+    return "└ " + (name[len(prefix):] or name)
+
+
+def _fit(headers: list[str], cells: list[list[str]], width: int, fixed: int) -> tuple[list[int], int]:
+    """Column widths within ``width``: drops trailing optional columns (index >= ``fixed``), then shortens
+    the first column. Returns (widths of the kept columns, how many columns were dropped)."""
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    dropped = 0
+    while len(widths) > fixed and sum(widths) + len(GAP) * (len(widths) - 1) > width:
+        widths.pop()
+        dropped += 1
+    total = sum(widths) + len(GAP) * (len(widths) - 1)
+    if total > width:
+        widths[0] = max(8, widths[0] - (total - width))
+    while sum(widths) + len(GAP) * (len(widths) - 1) > width and len(widths) > 1:
+        widths.pop()
+        dropped += 1
+    return widths, dropped
+
+
+def _line(values: Sequence[str], widths: Sequence[int], right: Sequence[bool]) -> str:
+    parts = []
+    for i, w in enumerate(widths):
+        text = _clip(values[i], w)
+        parts.append(text.rjust(w) if right[i] else text.ljust(w))
+    return GAP.join(parts).rstrip()
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def table_rows(table, *, sort: str = "cluster mIoU", ascending: bool = False, columns: Optional[Sequence[str]] = None,
+               all_params: bool = False) -> tuple[list[str], list[dict], int]:
+    """The runs table as data: (column labels, one dict per row in display order, number of fixed columns).
+
+    Rows carry every label's value plus ``run_id``, ``parent_run_id``, ``experiment`` and ``depth`` (1 for a
+    sweep's trials). Without ``columns`` the labels are :data:`DEFAULT_COLUMNS` (those with no value in any
+    row left out) followed by the parameters that differ between the rows.
+    """
+    ordered = _order(table, sort, ascending)
+    rows = [r for r, _ in ordered]
+    if columns:
+        labels = list(columns)
+        fixed = len(labels)
+    else:
+        labels = [c for c in DEFAULT_COLUMNS
+                  if c in ("run", "status") or any(not _missing(_value(r, c)) for r in rows)]
+        fixed = len(labels)
+        labels += differing_params(rows, all_params=all_params)
+    siblings: dict[str, list[str]] = {}
+    for row, depth in ordered:
+        if depth:
+            siblings.setdefault(row[PARENT_TAG], []).append(str(_value(row, "run") or ""))
+    out = []
+    for row, depth in ordered:
+        record = {"run_id": row["run_id"], "experiment": row.get("experiment"), "depth": depth,
+                  "parent_run_id": row[PARENT_TAG] if depth else None}
+        for label in labels:
+            if label == "run":
+                record[label] = _display_name(row, depth, siblings.get(row.get(PARENT_TAG), []))
+                record["run_name"] = _value(row, "run")
+            elif label in COLUMNS:
+                record[label] = _value(row, label)
+            else:
+                key = label if label.startswith(("metrics.", "params.", "tags.")) or label in row.index \
+                    else f"params.{label}"
+                value = row.get(key)
+                unread = key.startswith("params.") and not _reads(row, key[len("params."):])
+                record[label] = None if _missing(value) or unread else value
+        out.append(record)
+    return labels, out, fixed
+
+
+def format_runs(table, *, sort: str = "cluster mIoU", ascending: bool = False,
+                columns: Optional[Sequence[str]] = None, all_params: bool = False, limit: Optional[int] = None,
+                width: Optional[int] = None) -> str:
+    """The runs of a :func:`search` table as fixed-width text no wider than ``width`` (default: the terminal's,
+    120 when it is not a terminal), one section per experiment."""
+    width = width or terminal_width()
+    lines: list[str] = []
+    experiments = list(dict.fromkeys(table["experiment"])) if "experiment" in table else [None]
+    for experiment in experiments:
+        part = table if experiment is None else table[table["experiment"] == experiment]
+        labels, records, fixed = table_rows(part, sort=sort, ascending=ascending, columns=columns,
+                                            all_params=all_params)
+        shown = records[:limit] if limit else records
+        kinds = [COLUMNS[label][1] if label in COLUMNS else "raw" for label in labels]
+        cells = [[str(r[label]) if label == "run" else _fmt_cell(r[label], kind) for label, kind in zip(labels, kinds)]
+                 for r in shown]
+        widths, dropped = _fit(labels, cells, width, fixed)
+        if experiment is not None:
+            lines.append(_clip(f"experiment '{experiment}': {len(records)} runs, sorted by {sort}"
+                               f" ({'ascending' if ascending else 'descending'})", width))
+        right = [kind not in ("text", "raw") for kind in kinds]
+        lines.append(_line(labels, widths, right))
+        lines.append("-" * min(width, sum(widths) + len(GAP) * (len(widths) - 1)))
+        lines.extend(_line(c, widths, right) for c in cells)
+        notes = []
+        if dropped:
+            notes.append(f"{dropped} more column(s) do not fit in {width} characters: "
+                         f"{', '.join(labels[len(widths):])}; choose with --columns, or use --csv/--json")
+        if limit and len(records) > limit:
+            notes.append(f"{len(records) - limit} more run(s): --limit N")
+        for note in notes:
+            lines.extend(textwrap.wrap("(" + note + ")", width, break_on_hyphens=False))
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def terminal_width(default: int = 120) -> int:
+    """Columns of the terminal on stdout, ``default`` when stdout is not a terminal."""
+    import sys
+
+    if not sys.stdout.isatty():
+        return default
+    return shutil.get_terminal_size((default, 24)).columns
+
+
+def export_runs(table, fmt: str, *, sort: str = "cluster mIoU", ascending: bool = False,
+                columns: Optional[Sequence[str]] = None, all_params: bool = False) -> str:
+    """The rows of :func:`table_rows` as CSV or JSON (full run ids, raw values, nothing clipped)."""
+    import json
+
+    import pandas as pd
+
+    out = []
+    for experiment in (list(dict.fromkeys(table["experiment"])) if "experiment" in table else [None]):
+        part = table if experiment is None else table[table["experiment"] == experiment]
+        labels, records, _ = table_rows(part, sort=sort, ascending=ascending, columns=columns, all_params=all_params)
+        for r in records:
+            if "run" in r:
+                r["run"] = r.pop("run_name")
+            out.append(r)
+    if fmt == "json":
+        def plain(v):
+            if hasattr(v, "item"):
+                return v.item()
+            return None if _missing(v) else v
+        return json.dumps([{k: plain(v) for k, v in r.items()} for r in out], indent=2, default=str)
+    return pd.DataFrame(out).to_csv(index=False)
 
 
 def best_overrides(table, *, exclude=("data.root", "train.output_dir", "tracking.")) -> list[str]:
@@ -115,24 +440,52 @@ def best_overrides(table, *, exclude=("data.root", "train.output_dir", "tracking
     for col in table.columns:
         if col.startswith("params."):
             key = col[len("params."):]
-            if not any(key.startswith(e) for e in exclude):
+            if not any(key.startswith(e) for e in exclude) and not _missing(row[col]):
                 out.append(f"{key}={row[col]}")
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    table = runs_table(args.experiment, uri=args.uri, sort=args.sort, ascending=args.ascending,
-                       all_params=args.all_params or args.best)
-    if table.empty:
-        print(f"no runs in experiment '{args.experiment}' at {tracking_uri(args.uri)}")
-        return 1
-    import pandas as pd
+# ------------------------------------------------------------------------------------------ CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment name (default: every experiment, one table each)")
+    parser.add_argument("--uri", default=None, help=f"tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+    parser.add_argument("--sort", default="cluster mIoU",
+                        help="column label or metric to sort by, e.g. 'label-free' or val/linear_mIoU "
+                             "(default: cluster mIoU, descending)")
+    parser.add_argument("--ascending", action="store_true", help="sort ascending (for losses)")
+    parser.add_argument("--filter", default="", dest="filter_string", metavar="EXPR",
+                        help="MLflow search syntax, e.g. \"params.method = 'stego' and status = 'FINISHED'\"")
+    parser.add_argument("--columns", default=None,
+                        help="comma-separated columns instead of the default ones: labels "
+                             f"({', '.join(DEFAULT_COLUMNS)}), parameter keys (stego.lr) or metrics.* / tags.*")
+    parser.add_argument("--limit", type=int, default=50, help="rows to show per experiment (default 50)")
+    parser.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="print every row as CSV (for scripts)")
+    out.add_argument("--json", action="store_true", help="print every row as JSON (for scripts)")
+    parser.add_argument("--best", action="store_true", help="print the best run's config as recipe overrides")
 
-    with pd.option_context("display.max_columns", 50, "display.width", 200):
-        shown = table.head(args.limit)
-        print(shown.drop(columns=[c for c in shown.columns if c.startswith("params.")] if args.best else [])
-              .to_string(index=False))
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    try:
+        table = search(args.experiment, uri=args.uri, filter_string=args.filter_string)
+    except RunsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    options = dict(sort=args.sort, ascending=args.ascending, columns=columns, all_params=args.all_params)
+    if args.csv or args.json:
+        print(export_runs(table, "json" if args.json else "csv", **options), end="" if args.csv else "\n")
+        return 0
+    print(format_runs(table, limit=args.limit, **options))
     if args.best:
-        print("\n# best run:", table.iloc[0]["run_id"])
-        print(" ".join(best_overrides(table)))
+        labels, records, _ = table_rows(table, sort=args.sort, ascending=args.ascending)
+        best = next((r for r in records if r["depth"] or not (table.get(PARENT_TAG) is not None and
+                     (table[PARENT_TAG] == r["run_id"]).any())), records[0])
+        row = table[table["run_id"] == best["run_id"]]
+        print(f"\n# best run: {best['run_name']} ({best['run_id']})")
+        print(" ".join(best_overrides(row)))
     return 0

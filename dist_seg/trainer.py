@@ -14,7 +14,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import math
 import os
@@ -23,7 +22,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,8 +29,18 @@ import torch
 
 from dist_seg import distributed as D
 from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
+from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
 from dist_seg.methods import build_method, method_class
 from dist_seg.methods.base import Batch, Method, StepContext
+
+# What every stage needs to start lives in dist_seg.runtime; these names stay importable from here.
+from dist_seg.runtime import (  # noqa: F401  (re-exported)
+    default_cache_dir,
+    load_recipe,
+    make_accelerator,
+    resolve_config,
+    setup_logging,
+)
 
 log = logging.getLogger("dist_seg.trainer")
 
@@ -45,88 +53,6 @@ BEST_NAME = "best-val-cluster-mIoU.pt"
 
 class TrainingError(RuntimeError):
     """A run cannot go on (non-finite loss, missing data): the message says what to do."""
-
-
-def setup_logging() -> None:
-    if not logging.getLogger("dist_seg").handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logging.getLogger("dist_seg").addHandler(handler)
-        logging.getLogger("dist_seg").setLevel(logging.INFO)
-
-
-def make_accelerator(cfg: RunConfig):
-    """The run's ``accelerate.Accelerator`` (device, processes, mixed precision, DDP settings)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    return Accelerator(mixed_precision=cfg.train.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-
-
-# --------------------------------------------------------------------------------------- datasets
-@dataclass(kw_only=True)
-class DataInfo:
-    """What the trainer learns from the dataset (and feature-cache) manifests."""
-
-    root: str
-    num_classes: int
-    class_names: Optional[list]
-    colors: Optional[list]
-    has_train_labels: bool
-    has_val: bool
-    has_val_labels: bool
-    num_train: int
-    cache: Optional[str]
-    feat_dim: Optional[int]
-    val_cached: bool = False
-
-
-def read_data_info(cfg: RunConfig) -> DataInfo:
-    from dist_seg.data.manifest import read_manifest
-
-    try:
-        manifest = read_manifest(cfg.data.root)
-    except FileNotFoundError:
-        raise ConfigError(f"no dataset at {cfg.data.root}: create it with "
-                          f"`dist-seg prepare {cfg.data.dataset} --out {cfg.data.root}`"
-                          + ("" if cfg.data.dataset == "toy" else " --src <where you unpacked it>")
-                          + " (see docs/datasets.md)") from None
-    if cfg.data.train_split not in manifest.splits:
-        raise ConfigError(f"{cfg.data.root} has no '{cfg.data.train_split}' split (it has {sorted(manifest.splits)})")
-    num_classes = cfg.num_classes or manifest.num_classes
-    if num_classes is None:
-        raise ConfigError(f"{cfg.data.root} has no classes in its manifest: set num_classes=K (the number of clusters)")
-    train = manifest.splits[cfg.data.train_split]
-    val = manifest.splits.get(cfg.data.val_split)
-    cache, feat_dim, val_cached = None, None, False
-    if cfg.train.mode == "cached":
-        cache = cfg.data.feature_cache or default_cache_dir(cfg)
-        feat_dim = check_feature_cache(cfg, cache)
-        val_cached = val is not None and cfg.data.val_split in read_manifest(cache).splits
-    return DataInfo(root=cfg.data.root, num_classes=num_classes, class_names=manifest.class_names,
-                    colors=manifest.colors, has_train_labels=train.has_labels,
-                    has_val=val is not None, has_val_labels=val is not None and val.has_labels,
-                    num_train=train.num_samples,
-                    cache=cache, feat_dim=feat_dim, val_cached=val_cached)
-
-
-def default_cache_dir(cfg: RunConfig) -> str:
-    return str(Path(cfg.data.root) / "features" / f"{cfg.backbone.name}_{cfg.data.res}")
-
-
-def check_feature_cache(cfg: RunConfig, cache: str) -> int:
-    """Refuse a feature cache built with another backbone or resolution; return its channel count."""
-    from dist_seg.features import read_cache_info
-
-    info = read_cache_info(cache)
-    want = {"backbone": cfg.backbone.name, "res": cfg.data.res, "eval_res": cfg.data.eval_res}
-    for key, value in want.items():
-        if info.get(key) != value:
-            raise ConfigError(
-                f"feature cache {cache} was built with {key}={info.get(key)!r} but this run uses {value!r}; "
-                f"re-run `dist-seg extract` with this recipe or point data.feature_cache elsewhere")
-    return int(info["feat_dim"])
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -310,7 +236,7 @@ class Trainer:
         )
 
     def _knn_indices(self) -> torch.Tensor:
-        from dist_seg.knn import ensure_knn_table
+        from dist_seg.knn_table import ensure_knn_table
 
         indices = ensure_knn_table(self.cfg, backbone=self.backbone, cache=self.info.cache, device=self.device)
         need = self.cfg.stego.num_neighbors
@@ -408,26 +334,11 @@ class Trainer:
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self, *, num_overlays: int = 0, crf: Optional[bool] = None) -> Optional[dict]:
-        if not self.info.has_val or not self.unwrapped.validates:
-            return None
-        from dist_seg.eval.evaluate import backbone_feature_fn, cached_feature_fn, evaluate, image_feature_fn
+        from dist_seg.eval.evaluate import validate_run
 
-        loader, _ = self._loader(self.cfg.data.val_split, infinite=False, shuffle=False, val=True)
-        if self.images_in:
-            feature_fn = image_feature_fn(self.device)
-        elif self.info.val_cached:
-            feature_fn = cached_feature_fn(self.device)
-        else:
-            feature_fn = backbone_feature_fn(self.backbone, self.device, self.accelerator.autocast)
-        batches = loader
-        if self.cfg.data.max_val_samples:
-            limit = max(1, self.cfg.data.max_val_samples // self.cfg.data.batch_size)
-            batches = (b for i, b in zip(range(limit), loader))
-        return evaluate(self.unwrapped, batches, feature_fn,
-                        num_classes=self.info.num_classes, device=self.device, flip_tta=self.cfg.eval.flip_tta,
-                        has_labels=self.info.has_val_labels,
-                        crf=self.cfg.eval.crf if crf is None else crf, crf_workers=self.cfg.eval.crf_workers,
-                        num_overlays=num_overlays)
+        return validate_run(self.unwrapped, self.cfg, self.info, device=self.device, local_batch=self.local_batch,
+                            backbone=self.backbone, autocast=self.accelerator.autocast,
+                            num_overlays=num_overlays, crf=crf)
 
     # -- the loop --------------------------------------------------------------------------------
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
@@ -579,37 +490,6 @@ def train(cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, 
 
 
 # ------------------------------------------------------------------------------------ recipes/CLI
-def load_recipe(path_or_name: str) -> Callable[[], RunConfig]:
-    """The ``config()`` function of a recipe file (``recipes/stego_toy.py``) or name (``stego_toy``)."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        candidates = [Path("recipes") / f"{path_or_name}.py",
-                      Path(__file__).resolve().parent.parent / "recipes" / f"{path_or_name}.py"]
-        path = next((c for c in candidates if c.is_file()), candidates[0])
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path_or_name} (give a path such as recipes/stego_toy.py)")
-    spec = importlib.util.spec_from_file_location(f"dist_seg_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
-        raise ConfigError(f"{path} defines no config() function")
-    return module.config
-
-
-def resolve_config(base: RunConfig, argv: Sequence[str]) -> RunConfig:
-    """``--config a.yaml`` files and ``key=value`` overrides from ``argv`` merged onto ``base``."""
-    yaml_files, overrides = [], []
-    it = iter(argv)
-    for item in it:
-        if item == "--config":
-            yaml_files.append(next(it))
-        elif item.startswith("--config="):
-            yaml_files.append(item.split("=", 1)[1])
-        else:
-            overrides.append(item[2:] if item.startswith("--") else item)
-    return merge(base, yaml_files=yaml_files, overrides=overrides)
-
-
 def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of every recipe file: ``accelerate launch recipes/X.py [--config f.yaml] [k=v ...]``."""
     setup_logging()
@@ -645,51 +525,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     argv = [x for f in args.config for x in ("--config", f)] + list(args.overrides)
     return run_recipe(config_fn, argv)
-
-
-def run_eval_command(args: argparse.Namespace) -> int:
-    """``dist-seg eval``: a checkpoint, or baselines fit on the recipe's training split."""
-    from dist_seg.eval.evaluate import format_table, save_reports
-
-    setup_logging()
-    rows: dict[str, dict] = {}
-    try:
-        if args.checkpoint:
-            method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides)
-            cfg = merge(cfg, overrides=["tracking.enabled=false", "train.resume=false"])
-            trainer = Trainer(cfg)
-            try:
-                trainer.unwrapped.load_state_dict(state["method"])
-                rows[f"{cfg.method} (step {state['step']})"] = trainer.validate(
-                    num_overlays=cfg.eval.num_overlays, crf=args.crf)
-            finally:
-                trainer.accelerator.end_training()
-            info, out = trainer.info, args.out or str(Path(args.checkpoint).parent.parent / "eval")
-        else:
-            if not args.recipe:
-                raise ConfigError("--baselines needs --recipe (dataset, backbone, resolution and steps)")
-            base = resolve_config(load_recipe(args.recipe)(), args.overrides)
-            info, out = None, args.out or str(Path(base.train.output_dir) / "baselines")
-            accelerator = make_accelerator(base)
-            try:
-                for kind in args.baselines:
-                    res = train_baseline(base, kind, crf=args.crf, accelerator=accelerator)
-                    rows[f"baseline {kind}"] = res["val"]
-                    info = res.get("info")
-            finally:
-                accelerator.end_training()
-    except (ConfigError, FileNotFoundError, ValueError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if D.is_main_process():
-        print(format_table(rows, title="validation (SPEC §6 protocol)"))
-        for name, res in rows.items():
-            if res is not None:
-                save_reports(res, out, class_names=getattr(info, "class_names", None),
-                             colors=getattr(info, "colors", None),
-                             name=name.replace(" ", "_").replace("(", "").replace(")", ""))
-        print(f"reports written to {out}")
-    return 0
 
 
 def train_baseline(base: RunConfig, kind: str, *, crf: bool = False, accelerator=None) -> dict:

@@ -2,13 +2,16 @@
 
 ``dist-seg sweep recipes/sweep.yaml [key=value ...] [--address ADDR] [--resume]``
 
-Ray 2.x has no YAML front end, so the sweep file is mapped onto ``ray.tune`` search spaces here
-(:func:`parse_sweep`, :func:`search_space`). Every trial is a real training run: the base recipe's
-config, the sweep's fixed ``overrides`` and the trial's sampled values are merged and handed to
-:func:`dist_seg.trainer.train`, which reports every validation to Tune (so ASHA can stop bad trials
-early) and logs to MLflow as a run nested under one parent run per sweep. A trial that raises is recorded
-as a FAILED MLflow run carrying its error and does not stop the sweep. ``--resume`` continues an
-interrupted sweep with ``tune.Tuner.restore``; unfinished trials resume from their own checkpoints.
+Ray 2.x has no YAML front end, so the sweep file is parsed by :mod:`dist_seg.sweeps.spec`
+(:func:`parse_sweep`) and mapped onto ``ray.tune`` search spaces here (:func:`search_space`); the MLflow
+bookkeeping of trials is :mod:`dist_seg.sweeps.runs`. This module is the Ray plumbing and the command.
+
+Every trial is a real training run: the base recipe's config, the sweep's fixed ``overrides`` and the
+trial's sampled values are merged and handed to :func:`dist_seg.trainer.train`, which reports every
+validation to Tune (so ASHA can stop bad trials early) and logs to MLflow as a run nested under one
+parent run per sweep. A trial that raises is recorded as a FAILED MLflow run carrying its error and does
+not stop the sweep. ``--resume`` continues an interrupted sweep with ``tune.Tuner.restore``; unfinished
+trials resume from their own checkpoints.
 
 Paths: trials keep the driver's working directory (``RAY_CHDIR_TO_TRIAL_DIR=0``), so relative paths in a
 recipe (``data.root``) mean the same thing in every trial, including under ``ray job submit
@@ -19,409 +22,56 @@ it with the driver.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import logging
-import math
 import os
 import sys
-import traceback
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from dist_seg.config import ConfigError, RunConfig, flatten, from_yaml, merge, to_dict
+from dist_seg.config import ConfigError, RunConfig, from_yaml, to_dict
+
+# The sweep file and the MLflow bookkeeping live in dist_seg.sweeps; their public names stay importable here.
+from dist_seg.sweeps.runs import (  # noqa: F401
+    _client,
+    _find_trial_run,
+    _record_trial,
+    absolute_tracking_uri,
+    reconcile_runs,
+)
+from dist_seg.sweeps.spec import (  # noqa: F401
+    DISTRIBUTIONS,
+    METHOD_SECTIONS,
+    RESERVED,
+    SCHEDULERS,
+    SEARCHERS,
+    TRAINABLE_NAME,
+    BudgetSpec,
+    ParamSpec,
+    ResourceSpec,
+    SchedulerSpec,
+    SweepError,
+    SweepSpec,
+    TrackingSpec,
+    TrialContext,
+    _absolute_storage,
+    _fmt,
+    _resolve_trial_config,
+    _spec_dict,
+    base_config,
+    load_sweep_dict,
+    parse_sweep,
+    recipe_path,
+    recipe_search_dirs,
+    trial_overrides,
+)
 
 log = logging.getLogger("dist_seg.tune")
 
-DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
-SEARCHERS = ("random", "grid", "optuna")
-SCHEDULERS = ("asha", "none")
-# The sweep sets these itself for every trial (one output folder and one nested MLflow run per trial).
-RESERVED = ("train.output_dir", "tracking.")
 STATE_FILE = "dist_seg_sweep.json"
-TRAINABLE_NAME = "dist_seg_trial"
-
-
-class SweepError(ValueError):
-    """A user-facing problem with a sweep file or a sweep's state; the message names the fix."""
-
-
-# ------------------------------------------------------------------------------------------- spec
-@dataclass(kw_only=True)
-class ParamSpec:
-    """One searched config key: ``name`` (dotted RunConfig key), distribution ``kind`` and its ``args``."""
-
-    name: str
-    kind: str
-    args: list
-
-
-@dataclass(kw_only=True)
-class SchedulerSpec:
-    """Trial scheduler. ``asha`` stops trials whose metric trails at the rungs ``grace_period``,
-    ``grace_period·reduction_factor``, ... measured in ``time_attr`` units (``step`` = training steps, reported
-    with every validation); ``max_t`` defaults to the trials' ``train.num_steps``."""
-
-    type: str = "asha"
-    time_attr: str = "step"
-    grace_period: int = 1
-    reduction_factor: float = 3.0
-    max_t: Optional[int] = None
-
-
-@dataclass(kw_only=True)
-class ResourceSpec:
-    """Resources of one trial (of each worker when ``trial_workers > 1``)."""
-
-    cpu: float = 1.0
-    gpu: float = 0.0
-
-
-@dataclass(kw_only=True)
-class BudgetSpec:
-    """Limits: ``time_budget_s`` for the whole sweep (Tune stops starting and running trials after it);
-    ``max_steps`` sets every trial's ``train.num_steps``."""
-
-    time_budget_s: Optional[float] = None
-    max_steps: Optional[int] = None
-
-
-@dataclass(kw_only=True)
-class TrackingSpec:
-    """Where the parent and trial runs go; ``None`` falls back to the recipe's ``tracking`` section."""
-
-    uri: Optional[str] = None
-    experiment: Optional[str] = None
-
-
-@dataclass(kw_only=True)
-class SweepSpec:
-    """A parsed sweep file (see ``recipes/sweep.yaml`` for every field, documented)."""
-
-    name: str
-    recipe: str
-    metric: str = "val/cluster_mIoU"
-    mode: str = "max"
-    search: str = "random"
-    seed: Optional[int] = None
-    num_samples: int = 1
-    max_concurrent_trials: Optional[int] = None
-    max_failures: int = 0
-    reuse_actors: bool = False
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    resources: ResourceSpec = field(default_factory=ResourceSpec)
-    trial_workers: int = 1
-    budget: BudgetSpec = field(default_factory=BudgetSpec)
-    overrides: list[str] = field(default_factory=list)
-    params: dict[str, ParamSpec] = field(default_factory=dict)
-    storage_path: str = "runs/sweeps"
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    verbose: int = 1
-
-    @property
-    def experiment_path(self) -> str:
-        """Where Tune keeps this sweep's state and trial folders."""
-        return _join(_absolute_storage(self.storage_path), self.name)
-
-
-_SECTIONS = {"scheduler": SchedulerSpec, "resources": ResourceSpec, "budget": BudgetSpec, "tracking": TrackingSpec}
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
-
-
-def _absolute_storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    """Apply a ``key=value`` override of the sweep file; ``params.<config key>`` keeps its dots."""
-    if key.startswith("params."):
-        data.setdefault("params", {})
-        if data["params"] is None:
-            data["params"] = {}
-        data["params"][key[len("params."):]] = value
-        return
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def _field_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _check_keys(data: Mapping, cls, where: str) -> None:
-    unknown = sorted(set(data) - set(_field_names(cls)))
-    if unknown:
-        raise SweepError(f"unknown key(s) {unknown} in {where}; allowed: {_field_names(cls)}")
-
-
-def _typed(cls, data: Mapping, where: str):
-    """Build ``cls`` from a mapping, with an error naming the entry on a wrong key or type."""
-    import typing
-
-    _check_keys(data, cls, where)
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for key, value in data.items():
-        hint = hints[key]
-        optional = type(None) in typing.get_args(hint)
-        want = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-        if value is None:
-            if not optional:
-                raise SweepError(f"{where}.{key} may not be null")
-        elif want is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SweepError(f"{where}.{key} must be an integer, got {value!r}")
-        elif want is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SweepError(f"{where}.{key} must be a number, got {value!r}")
-            value = float(value)
-        elif want is bool and not isinstance(value, bool):
-            raise SweepError(f"{where}.{key} must be true or false, got {value!r}")
-        elif want is str and not isinstance(value, str):
-            raise SweepError(f"{where}.{key} must be a string, got {value!r}")
-        out[key] = value
-    return cls(**out)
-
-
-def _fmt(value: Any) -> str:
-    """A value as the right-hand side of a ``key=value`` config override (parsed back as YAML).
-
-    Plain strings stay bare (``data.root=data/toy``) when YAML reads them back unchanged; anything else is
-    written as JSON, which is valid YAML (``"true"`` for the string, ``true`` for the boolean).
-    """
-    if hasattr(value, "item"):  # numpy scalars from samplers
-        value = value.item()
-    if isinstance(value, str) and value and not any(c.isspace() for c in value):
-        try:
-            if yaml.safe_load(value) == value and "," not in value and "=" not in value:
-                return value
-        except yaml.YAMLError:
-            pass
-    return json.dumps(value)
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SweepError(f"{what} must be a finite number, got {value!r}")
-    return value
-
-
-def _config_field_type(key: str) -> type:
-    """The Python type of a dotted RunConfig key, by dataclass introspection."""
-    import typing
-
-    cls: Any = RunConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            scope = ".".join(parts[:i]) or "RunConfig"
-            raise SweepError(f"unknown config key '{key}': '{part}' is not a field of {scope} "
-                             f"(fields: {sorted(hints)})")
-        hint = hints[part]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
-        if dataclasses.is_dataclass(base):
-            if i == len(parts) - 1:
-                raise SweepError(f"'{key}' is a config section, not a value: name a field such as "
-                                 f"'{key}.{dataclasses.fields(base)[0].name}'")
-            cls = base
-        elif i < len(parts) - 1:
-            raise SweepError(f"unknown config key '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
-        else:
-            return base
-    raise AssertionError("unreachable")
-
-
-def _check_value(key: str, value: Any, where: str) -> None:
-    """Merge ``key=value`` onto a default RunConfig, so types and value constraints are checked now."""
-    try:
-        merge(RunConfig(), overrides=[f"{key}={_fmt(value)}"])
-    except ConfigError as err:
-        raise SweepError(f"{where}: {err}") from None
-
-
-def _check_reserved(key: str, where: str) -> None:
-    if any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESERVED):
-        raise SweepError(f"{where}: '{key}' is set by the sweep for each trial; use the sweep file's "
-                         f"`storage_path` / `tracking:` entries instead")
-
-
-def _parse_param(name: str, spec: Any) -> ParamSpec:
-    where = f"params.{name}"
-    if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise SweepError(f"{where} must be a one-entry mapping such as {{uniform: [0.1, 1.0]}}, got {spec!r}; "
-                         f"distributions: {list(DISTRIBUTIONS)}")
-    (kind, args), = spec.items()
-    if kind not in DISTRIBUTIONS:
-        raise SweepError(f"{where}: unknown distribution '{kind}'; use one of {list(DISTRIBUTIONS)}")
-    _check_reserved(name, where)
-    try:
-        ftype = _config_field_type(name)
-    except SweepError as err:
-        raise SweepError(f"{where}: {err}") from None
-    if not isinstance(args, list) or not args:
-        raise SweepError(f"{where}: {kind} needs a non-empty list, got {args!r}")
-    if kind in ("uniform", "loguniform", "randint", "quniform"):
-        want = 3 if kind == "quniform" else 2
-        if len(args) != want:
-            form = "[low, high, q]" if kind == "quniform" else "[low, high]"
-            raise SweepError(f"{where}: {kind} takes {form}, got {args!r}")
-        for i, a in enumerate(args):
-            _number(a, f"{where}: {kind} bound #{i + 1}")
-        low, high = args[0], args[1]
-        if not low < high:
-            raise SweepError(f"{where}: {kind} needs low < high, got {args!r}")
-        if kind == "loguniform" and low <= 0:
-            raise SweepError(f"{where}: loguniform needs 0 < low < high, got {args!r}")
-        if kind == "quniform" and args[2] <= 0:
-            raise SweepError(f"{where}: quniform step q must be positive, got {args[2]!r}")
-        if kind == "randint":
-            if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
-                raise SweepError(f"{where}: randint bounds must be integers, got {args!r}")
-            if ftype is not int:
-                raise SweepError(f"{where}: randint samples integers but '{name}' is {ftype.__name__}")
-            probes = [low, high - 1]
-        else:
-            if ftype is not float:
-                raise SweepError(f"{where}: {kind} samples real numbers but '{name}' is {ftype.__name__}; "
-                                 f"use randint or choice for it")
-            probes = [float(low), float(high)]
-    else:
-        probes = list(args)
-    for value in probes:
-        _check_value(name, value, f"{where} (value {value!r})")
-    return ParamSpec(name=name, kind=kind, args=list(args))
-
-
-def load_sweep_dict(source: str | Path | Mapping) -> dict:
-    """The raw mapping of a sweep file (or a copy of a given mapping)."""
-    if isinstance(source, Mapping):
-        return copy.deepcopy(dict(source))
-    path = Path(source)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path} (see recipes/sweep.yaml for the format)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path} must hold a mapping, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    return data
-
-
-def parse_sweep(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> SweepSpec:
-    """Read and validate a sweep description.
-
-    Args:
-        source: a YAML file path or an already-loaded mapping with the same layout.
-        overrides: ``key=value`` changes to the sweep description itself (``num_samples=2``,
-            ``scheduler.type=none``, ``params.stego.lr={loguniform: [1e-4, 1e-2]}``); values are YAML.
-
-    Returns:
-        The typed :class:`SweepSpec`. Every parameter and fixed override is checked against
-        :class:`~dist_seg.config.RunConfig` (key exists, value type, value constraints).
-
-    Raises:
-        SweepError: naming the offending entry (unknown key or distribution, malformed bounds, ...).
-    """
-    data = load_sweep_dict(source)
-    for item in overrides:
-        if "=" not in item:
-            raise SweepError(f"sweep override {item!r} must look like key=value (e.g. num_samples=2)")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise SweepError(f"sweep override {item!r}: value is not valid YAML ({err})") from None
-        key = key.strip()
-        if key.endswith("+"):  # `overrides+=train.seed=1` appends to a list instead of replacing it
-            key = key[:-1].strip()
-            current = data.get(key) or []
-            if not isinstance(current, list):
-                raise SweepError(f"sweep override {item!r}: '{key}' is not a list, so += cannot append to it")
-            data[key] = [*current, text if key == "overrides" else value]
-            continue
-        _set_dotted(data, key, value)
-    _check_keys(data, SweepSpec, "the sweep file")
-    for key in ("name", "recipe"):
-        if not isinstance(data.get(key), str) or not data[key]:
-            raise SweepError(f"the sweep file needs `{key}:` (a string)")
-    sections = {}
-    for key, cls in _SECTIONS.items():
-        value = data.pop(key, None) or {}
-        if not isinstance(value, Mapping):
-            raise SweepError(f"`{key}:` must be a mapping, got {value!r}")
-        sections[key] = _typed(cls, value, key)
-    params_raw = data.pop("params", None) or {}
-    if not isinstance(params_raw, Mapping):
-        raise SweepError(f"`params:` must map config keys to distributions, got {params_raw!r}")
-    fixed = data.pop("overrides", None) or []
-    if isinstance(fixed, Mapping):  # also accept a mapping {key: value}
-        fixed = [f"{k}={_fmt(v)}" for k, v in fixed.items()]
-    if not isinstance(fixed, list) or not all(isinstance(x, str) and "=" in x for x in fixed):
-        raise SweepError(f"`overrides:` must be a list of key=value strings, got {fixed!r}")
-    spec = _typed(SweepSpec, data, "sweep")
-    spec = dataclasses.replace(spec, **sections, overrides=list(fixed),
-                               params={str(k): _parse_param(str(k), v) for k, v in params_raw.items()})
-    _validate_spec(spec)
-    return spec
-
-
-def _validate_spec(spec: SweepSpec) -> None:
-    if spec.mode not in ("max", "min"):
-        raise SweepError(f"mode must be 'max' or 'min', got {spec.mode!r}")
-    if spec.search not in SEARCHERS:
-        raise SweepError(f"search must be one of {list(SEARCHERS)}, got {spec.search!r}")
-    if spec.scheduler.type not in SCHEDULERS:
-        raise SweepError(f"scheduler.type must be one of {list(SCHEDULERS)}, got {spec.scheduler.type!r}")
-    if spec.num_samples < 1:
-        raise SweepError(f"num_samples must be at least 1, got {spec.num_samples}")
-    if spec.trial_workers < 1:
-        raise SweepError(f"trial_workers must be at least 1, got {spec.trial_workers}")
-    if spec.resources.cpu < 0 or spec.resources.gpu < 0:
-        raise SweepError("resources.cpu and resources.gpu must not be negative")
-    if spec.scheduler.grace_period < 1 or spec.scheduler.reduction_factor <= 1:
-        raise SweepError("scheduler.grace_period must be >= 1 and scheduler.reduction_factor > 1")
-    if spec.budget.max_steps is not None and spec.budget.max_steps < 1:
-        raise SweepError(f"budget.max_steps must be positive, got {spec.budget.max_steps}")
-    for item in spec.overrides:
-        key, value = item.split("=", 1)
-        _check_reserved(key.strip(), f"overrides entry {item!r}")
-        if key.strip() in spec.params:
-            raise SweepError(f"'{key.strip()}' is both searched (params) and fixed (overrides); keep one")
-        try:
-            merge(RunConfig(), overrides=[item])
-        except ConfigError as err:
-            raise SweepError(f"overrides entry {item!r}: {err}") from None
-    if spec.budget.max_steps is not None and "train.num_steps" in spec.params:
-        raise SweepError("budget.max_steps fixes train.num_steps, which params also searches; keep one")
-    if spec.budget.max_steps is not None and any(o.split("=", 1)[0].strip() == "train.num_steps"
-                                                 for o in spec.overrides):
-        raise SweepError("budget.max_steps and an overrides entry both set train.num_steps; keep one")
-    if spec.search == "grid":
-        bad = [p.name for p in spec.params.values() if p.kind not in ("grid", "choice")]
-        if bad:
-            raise SweepError(f"search: grid enumerates values, but {bad} use continuous distributions; "
-                             f"give them {{grid: [...]}} / {{choice: [...]}} or use search: random")
-    if spec.search == "optuna":
-        bad = [p.name for p in spec.params.values() if p.kind == "grid"]
-        if bad:
-            raise SweepError(f"search: optuna cannot enumerate grids ({bad}); use {{choice: [...]}} instead")
 
 
 def search_space(spec: SweepSpec) -> dict:
@@ -450,112 +100,6 @@ def search_space(spec: SweepSpec) -> dict:
     return space
 
 
-# -------------------------------------------------------------------------------- tracking helpers
-def absolute_tracking_uri(uri: str, cwd: Optional[str] = None) -> str:
-    """``uri`` with a relative sqlite / file path made absolute against ``cwd``.
-
-    Trials run in other processes (and Ray may start them elsewhere), so ``sqlite:///mlflow.db`` must
-    name one file for all of them.
-    """
-    base = Path(cwd or os.getcwd())
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return uri if path.startswith("/") else "sqlite:///" + str((base / path).resolve())
-    if uri.startswith("file://"):
-        path = uri[len("file://"):]
-        return uri if path.startswith("/") else "file://" + str((base / path).resolve())
-    if "://" not in uri and ":" not in uri.split("/")[0]:
-        return str((base / uri).resolve())  # a plain local path (file store)
-    return uri
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _find_trial_run(client, experiment_id: str, parent_run_id: str, run_name: str):
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides: Sequence[str],
-                  error: Optional[BaseException] = None, error_text: Optional[str] = None,
-                  stopped_at: Optional[int] = None) -> Optional[str]:
-    """Tag the trial's MLflow run; on failure mark it FAILED with its error (creating it if training never
-    got as far as starting its run); a trial stopped by the scheduler becomes KILLED with the tag
-    ``sweep.early_stopped``. Never raises: tracking trouble must not hide the trial's own error."""
-    try:
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-        client = _client(ctx.tracking_uri)
-        exp = client.get_experiment_by_name(ctx.experiment)
-        experiment_id = exp.experiment_id if exp else client.create_experiment(ctx.experiment)
-        run = _find_trial_run(client, experiment_id, ctx.parent_run_id, run_name)
-        if run is None:
-            if error is None and error_text is None:
-                return None
-            run = client.create_run(experiment_id, run_name=run_name,
-                                    tags={MLFLOW_PARENT_RUN_ID: ctx.parent_run_id})
-            _log_trial_params(client, run.info.run_id, ctx, overrides)
-        run_id = run.info.run_id
-        client.set_tag(run_id, "sweep.trial_id", trial_id)
-        client.set_tag(run_id, "sweep.name", ctx.sweep_name)
-        if error is not None or error_text is not None:
-            message = f"{type(error).__name__}: {error}" if error is not None else error_text
-            client.set_tag(run_id, "error", message[:4900])
-            if error is not None:
-                client.set_tag(run_id, "error.type", type(error).__name__)
-                client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
-            client.set_terminated(run_id, status="FAILED")
-        elif stopped_at is not None:
-            client.set_tag(run_id, "sweep.early_stopped", "true")
-            client.set_tag(run_id, "sweep.stopped_at_step", str(stopped_at))
-            client.set_terminated(run_id, status="KILLED")
-        return run_id
-    except Exception as err:  # noqa: BLE001 - see docstring
-        log.warning("could not record trial %s in MLflow: %s", run_name, err)
-        return None
-
-
-def _log_trial_params(client, run_id: str, ctx: TrialContext, overrides: Sequence[str]) -> None:
-    """Log a trial's parameters like the trainer does (its full flattened config) on a run it never started."""
-    from mlflow.entities import Param
-
-    try:
-        params = flatten(_resolve_trial_config(ctx, overrides))
-    except Exception:  # noqa: BLE001 - the config itself may be what failed: log the raw overrides
-        params = {}
-        for item in overrides:
-            key, value = item.split("=", 1)
-            try:
-                params[key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                params[key] = value
-    client.log_batch(run_id, params=[Param(k, str("None" if v is None else v)[:6000]) for k, v in params.items()])
-
-
-# ------------------------------------------------------------------------------------------ trials
-@dataclass(kw_only=True)
-class TrialContext:
-    """What every trial needs besides its sampled values (shipped once through the object store)."""
-
-    base_config: dict
-    fixed_overrides: list[str]
-    parent_run_id: str
-    tracking_uri: str
-    experiment: str
-    sweep_name: str
-    metric: str
-    trial_workers: int = 1
-    resources: dict = field(default_factory=dict)
-    cwd: Optional[str] = None
-
-
 def _trial_output_dir() -> str:
     """The trial's persistent folder (``<storage>/<sweep>/<trial>/run``) when storage is local, so a
     restored sweep finds the trial's checkpoints; otherwise Tune's local trial folder."""
@@ -571,22 +115,6 @@ def _trial_output_dir() -> str:
     except Exception:  # noqa: BLE001 - developer API; fall back to the public local trial folder
         pass
     return str(Path(context.get_trial_dir()) / "run")
-
-
-def trial_overrides(ctx: TrialContext, config: Mapping[str, Any], *, output_dir: str, run_name: str) -> list[str]:
-    """The full override list of one trial, in merge order (fixed, sampled, then what the sweep sets)."""
-    return [*ctx.fixed_overrides,
-            *(f"{k}={_fmt(v)}" for k, v in sorted(config.items())),
-            f"train.output_dir={_fmt(output_dir)}",
-            "tracking.enabled=true",
-            f"tracking.uri={_fmt(ctx.tracking_uri)}",
-            f"tracking.experiment={_fmt(ctx.experiment)}",
-            f"tracking.run_name={_fmt(run_name)}"]
-
-
-def _resolve_trial_config(ctx: TrialContext, overrides: Sequence[str]) -> RunConfig:
-    base = from_yaml(RunConfig, yaml.safe_dump(ctx.base_config))
-    return merge(base, overrides=overrides)
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -722,40 +250,6 @@ def _make_callback(ctx: TrialContext):
     return MlflowTrialErrors()
 
 
-def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int) -> None:
-    """Bring every trial's MLflow run in line with Tune's outcome once the sweep has stopped.
-
-    A trial that a scheduler (or the time budget) stopped is interrupted inside training, possibly while
-    it was still writing to MLflow, so its run is settled here: KILLED with ``sweep.early_stopped=true``
-    and the last reported step. Trials that errored keep FAILED (with an ``error`` tag).
-    """
-    client = _client(ctx.tracking_uri)
-    exp = client.get_experiment_by_name(ctx.experiment)
-    if exp is None:
-        return
-    for result in grid:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id")
-        if trial_id is None:  # never reported: the trial (or the error callback) recorded it already
-            continue
-        run = _find_trial_run(client, exp.experiment_id, ctx.parent_run_id, f"{TRAINABLE_NAME}_{trial_id}")
-        if run is None:
-            continue
-        run_id = run.info.run_id
-        if result.error is not None:
-            if "error" not in run.data.tags:
-                client.set_tag(run_id, "error", f"{type(result.error).__name__}: {result.error}"[:4900])
-            if run.info.status != "FAILED":
-                client.set_terminated(run_id, status="FAILED")
-        elif int(metrics.get("step", num_steps)) < num_steps:
-            client.set_tag(run_id, "sweep.early_stopped", "true")
-            client.set_tag(run_id, "sweep.stopped_at_step", str(int(metrics["step"])))
-            client.set_terminated(run_id, status="KILLED")
-        elif run.info.status != "FINISHED":
-            client.set_terminated(run_id, status="FINISHED")
-
-
-# ------------------------------------------------------------------------------------------ driver
 @dataclass(kw_only=True)
 class SweepResult:
     """Outcome of :func:`run_sweep`."""
@@ -774,39 +268,12 @@ class SweepResult:
     results: Any = None
 
 
-METHOD_SECTIONS = ("stego", "ds2dl", "baseline")
-
-
-def base_config(spec: SweepSpec) -> RunConfig:
-    """The recipe's config with the sweep's fixed overrides (and ``budget.max_steps``) applied.
-
-    Raises:
-        SweepError: when ``params`` searches the section of a method the recipe does not train (those
-            trials would differ only in values nobody reads).
-    """
-    from dist_seg.trainer import load_recipe
-
-    fixed = list(spec.overrides)
-    if spec.budget.max_steps is not None:
-        fixed.append(f"train.num_steps={spec.budget.max_steps}")
-    cfg = merge(load_recipe(spec.recipe)(), overrides=fixed)
-    methods = {cfg.method}
-    if "method" in spec.params:
-        methods |= set(spec.params["method"].args)
-    idle = sorted(name for name in spec.params
-                  if name.split(".")[0] in METHOD_SECTIONS and name.split(".")[0] not in methods)
-    if idle:
-        raise SweepError(f"params {idle} belong to a method this sweep never trains (the recipe {spec.recipe} "
-                         f"trains method={cfg.method}); point `recipe:` at a recipe of that method or drop them")
-    return cfg
-
-
 def _build_knn_table(config: dict, cwd: str) -> str:
     """Ray task: the KNN table of the sweep's base config, built once before any trial starts."""
     import torch
 
-    from dist_seg.knn import ensure_knn_table, table_path
-    from dist_seg.trainer import default_cache_dir
+    from dist_seg.knn_table import ensure_knn_table, table_path
+    from dist_seg.runtime import default_cache_dir
 
     if os.path.isdir(cwd):
         os.chdir(cwd)
@@ -829,7 +296,7 @@ def prepare_shared_inputs(spec: SweepSpec, base: RunConfig) -> None:
     """
     import ray
 
-    from dist_seg.knn import table_path
+    from dist_seg.knn_table import table_path
     from dist_seg.methods import method_class
 
     if not getattr(method_class(base.method), "needs_partners", True):
@@ -1045,12 +512,6 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
             ray.shutdown()
 
 
-def _spec_dict(spec: SweepSpec) -> dict:
-    data = dataclasses.asdict(spec)
-    data["params"] = {name: {p.kind: p.args} for name, p in spec.params.items()}
-    return data
-
-
 def _summarise(spec: SweepSpec, grid, base: RunConfig, *, exp_path: str, parent_run_id: str, uri: str,
                experiment: str) -> SweepResult:
     result = SweepResult(experiment_path=exp_path, parent_run_id=parent_run_id, tracking_uri=uri,
@@ -1066,7 +527,7 @@ def _summarise(spec: SweepSpec, grid, base: RunConfig, *, exp_path: str, parent_
     result.best_config = {k: best.config[k] for k in sorted(best.config)}
     result.best_overrides = [f"{k}={_fmt(v)}" for k, v in result.best_config.items()]
     fixed = list(spec.overrides) + ([f"train.num_steps={spec.budget.max_steps}"] if spec.budget.max_steps else [])
-    result.command = " ".join(["dist-seg train", spec.recipe, *fixed, *result.best_overrides])
+    result.command = " ".join(["dist-seg train", recipe_path(spec), *fixed, *result.best_overrides])
     return result
 
 
@@ -1091,16 +552,20 @@ def format_result(spec: SweepSpec, result: SweepResult) -> str:
     lines = [f"sweep '{spec.name}': {result.num_trials} trials, {result.num_errors} failed; "
              f"state in {result.experiment_path}; MLflow parent run {result.parent_run_id} "
              f"(experiment '{result.experiment}' at {result.tracking_uri})"]
+    # The trials' table is `dist-seg runs`' table of the sweep's MLflow runs, sorted by the sweep's metric.
+    from dist_seg.tracking import RunsError, format_runs, search
+
+    try:
+        trials = search(result.experiment, uri=result.tracking_uri,
+                        filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+        lines.append(format_runs(trials, sort=spec.metric, ascending=spec.mode == "min"))
+    except RunsError as err:
+        lines.append(f"(no trial runs to list: {err})")
     grid = result.results
     if grid is not None:
         frame = grid.get_dataframe()
         if not frame.empty:
-            cols = [c for c in ["trial_id", "step", spec.metric, *[f"config/{p}" for p in spec.params]] if c in frame]
-            frame = frame[cols]
-            if spec.metric in frame:
-                frame = frame.sort_values(spec.metric, ascending=spec.mode == "min")
-            agreement = metric_agreement(grid.get_dataframe())
-            lines.append(frame.to_string(index=False))
+            agreement = metric_agreement(frame)
             if agreement is not None:
                 lines.append(f"label-free vs labelled selection: Spearman rho(val/label_free, val/cluster_mIoU) = "
                              f"{agreement[0]:.3f} over {agreement[1]} trials")
@@ -1113,7 +578,6 @@ def format_result(spec: SweepSpec, result: SweepResult) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep file, e.g. recipes/sweep.yaml")
     parser.add_argument("overrides", nargs="*",
@@ -1129,7 +593,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_seg.trainer import setup_logging
+    from dist_seg.runtime import setup_logging
 
     setup_logging()
     try:

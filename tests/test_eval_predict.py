@@ -10,7 +10,8 @@ from PIL import Image
 
 from dist_seg import cli
 from dist_seg.config import merge
-from dist_seg.trainer import load_recipe, train
+from dist_seg.runtime import load_recipe
+from dist_seg.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "stego_toy.py")

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from dist_seg import knn as K
-from dist_seg.knn import KnnTableError, distributed_knn, knn, load_knn_table, save_knn_table
+from dist_seg import knn_table as KT
+from dist_seg.knn import distributed_knn, knn
+from dist_seg.knn_table import KnnTableError, load_knn_table, save_knn_table
 from tests.dist_utils import run_distributed
 
 
@@ -122,7 +124,7 @@ def test_errors_name_the_problem():
 # ------------------------------------------------------------------------------------------ files
 def test_table_round_trip_and_mismatch(tmp_path):
     x = torch.randn(50, 8)
-    sims, index = knn(x, x, K.DEFAULT_K, exclude_self=True)
+    sims, index = knn(x, x, KT.DEFAULT_K, exclude_self=True)
     provenance = {"backbone": "dino_vits8", "weights_id": "abc", "res": 224, "split": "train", "crop": "five"}
     path = save_knn_table(tmp_path / "t" / "knn.npz", sims, index, provenance=provenance)
     s2, i2, meta = load_knn_table(path, expect={"backbone": "dino_vits8", "res": 224, "num_samples": 50})
@@ -144,14 +146,14 @@ def test_compute_descriptors_orders_by_index():
     gaps = torch.randn(6, 5, generator=gen)
     batches = [{"index": torch.tensor([4, 0, 5]), "gap": gaps[[4, 0, 5]]},
                {"index": torch.tensor([2, 1, 3]), "gap": gaps[[2, 1, 3]]}]
-    desc = K.compute_descriptors(batches, num_samples=6)
+    desc = KT.compute_descriptors(batches, num_samples=6)
     assert torch.allclose(desc, torch.nn.functional.normalize(gaps, dim=1), atol=1e-6)
     with pytest.raises(ValueError, match="missing for 1 of 7"):
-        K.compute_descriptors(batches, num_samples=7)
+        KT.compute_descriptors(batches, num_samples=7)
 
     backbone = load_backbone("toy")
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    desc = K.compute_descriptors([{"index": torch.tensor([2, 0, 1]), "image": images}], num_samples=3,
+    desc = KT.compute_descriptors([{"index": torch.tensor([2, 0, 1]), "image": images}], num_samples=3,
                                  backbone=backbone)
     assert torch.allclose(desc[[2, 0, 1]], backbone.global_descriptor(images), atol=1e-6)
 
@@ -174,7 +176,7 @@ def test_cli_builds_exact_table_and_ensure_reuses_it(toy_root, tmp_path, capsys)
     from dist_seg import cli
     from dist_seg.backbones import load_backbone
     from dist_seg.data.shards import make_loader
-    from dist_seg.trainer import load_recipe, resolve_config
+    from dist_seg.runtime import load_recipe, resolve_config
 
     out = tmp_path / "table.npz"
     assert cli.main(["knn", "stego_toy", *_toy_overrides(toy_root), "--out", str(out), "--k", "7"]) == 0
@@ -184,17 +186,17 @@ def test_cli_builds_exact_table_and_ensure_reuses_it(toy_root, tmp_path, capsys)
     assert meta["num_samples"] == 40 and meta["split"] == "train" and meta["dataset"] == "toy"
 
     loader, _ = make_loader(toy_root, "train", batch_size=8, res=32, num_workers=0, shuffle=False, infinite=False)
-    desc = K.compute_descriptors(loader, num_samples=40, backbone=load_backbone("toy"))
+    desc = KT.compute_descriptors(loader, num_samples=40, backbone=load_backbone("toy"))
     ref_s, ref_i = brute_force(desc.numpy(), desc.numpy(), 7, exclude_self=True)
     check_equal(sims, index, ref_s, ref_i, "dist-seg knn table")
 
     cfg = resolve_config(load_recipe("stego_toy")(), [*_toy_overrides(toy_root), f"data.knn_table={out}"])
-    indices = K.ensure_knn_table(cfg)
+    indices = KT.ensure_knn_table(cfg)
     assert torch.equal(indices, index), "ensure_knn_table must load the existing table"
     stale = resolve_config(load_recipe("stego_toy")(), [*_toy_overrides(toy_root), f"data.knn_table={out}",
                                                         "data.res=40"])
     with pytest.raises(KnnTableError, match=r"res: table has 32, expected 40.*dist-seg knn"):
-        K.ensure_knn_table(stale)
+        KT.ensure_knn_table(stale)
 
     # The same table from the feature cache's stored descriptors (`dist-seg extract` output).
     from dist_seg.features import extract
@@ -209,32 +211,32 @@ def test_cli_builds_exact_table_and_ensure_reuses_it(toy_root, tmp_path, capsys)
 
     fresh = resolve_config(load_recipe("stego_toy")(), [*_toy_overrides(toy_root),
                                                         f"data.knn_table={tmp_path / 'new.npz'}"])
-    built = K.ensure_knn_table(fresh, k=7)
+    built = KT.ensure_knn_table(fresh, k=7)
     assert torch.equal(built, index) and (tmp_path / "new.npz").is_file(), "a missing table must be built and saved"
 
 
 def _two_rank_worker(rank, world, sizes, root):
-    from dist_seg.trainer import load_recipe, resolve_config
+    from dist_seg.runtime import load_recipe, resolve_config
 
     x = data_with_ties(sum(sizes), 24, seed=11)
     lo = sum(sizes[:rank])
     sims, index = distributed_knn(x[lo : lo + sizes[rank]], 6, exclude_self=True, backend="torch")
     cfg = resolve_config(load_recipe("stego_toy")(), _toy_overrides(root))
-    built_sims, built_index, provenance = K.build_knn_table(cfg, k=5)
+    built_sims, built_index, provenance = KT.build_knn_table(cfg, k=5)
     return {"sims": sims, "index": index, "built_sims": built_sims, "built_index": built_index,
             "world": provenance["world_size"]}
 
 
 def test_two_ranks_equal_one_process(toy_root):
     """distributed_knn with unequal slices, and a whole table build (each rank reads its own shards)."""
-    from dist_seg.trainer import load_recipe, resolve_config
+    from dist_seg.runtime import load_recipe, resolve_config
 
     sizes = (70, 131)
     results = run_distributed(_two_rank_worker, 2, sizes, str(toy_root))
     x = data_with_ties(sum(sizes), 24, seed=11)
     sims, index = knn(x, x, 6, exclude_self=True)
     cfg = resolve_config(load_recipe("stego_toy")(), _toy_overrides(toy_root))
-    built_sims, built_index, _ = K.build_knn_table(cfg, k=5)
+    built_sims, built_index, _ = KT.build_knn_table(cfg, k=5)
     for rank, result in enumerate(results):
         assert torch.equal(result["index"], index), f"rank {rank}: the gathered table differs from one process"
         assert torch.equal(result["sims"], sims), f"rank {rank}: similarities differ from one process"

@@ -34,7 +34,8 @@ def _train_slices(rank: int, world: int, method: str, root: str, out: str) -> di
     from dist_seg.config import merge
     from dist_seg.data.shards import IndexedShards
     from dist_seg.methods.base import Batch
-    from dist_seg.trainer import Trainer, load_recipe
+    from dist_seg.runtime import load_recipe
+    from dist_seg.trainer import Trainer
 
     cfg = merge(load_recipe(str(REPO / "recipes" / f"{method}_toy.py"))(), overrides=[
         f"data.root={root}", f"train.output_dir={out}", f"data.batch_size={GLOBAL_BATCH}", "data.num_workers=0",
@@ -86,7 +87,8 @@ def test_same_global_batch_same_training_on_1_2_4_ranks(method, toy_root, tmp_pa
 def _train_phase(rank: int, world: int, root: str, out: str, steps: int) -> dict:
     os.environ["ACCELERATE_USE_CPU"] = "1"
     from dist_seg.config import merge
-    from dist_seg.trainer import load_latest_checkpoint, load_recipe, train
+    from dist_seg.runtime import load_recipe
+    from dist_seg.trainer import load_latest_checkpoint, train
 
     cfg = merge(load_recipe(str(REPO / "recipes" / "stego_toy.py"))(), overrides=[
         f"data.root={root}", f"train.output_dir={out}", f"data.batch_size={GLOBAL_BATCH}", "data.num_workers=0",

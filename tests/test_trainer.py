@@ -14,7 +14,8 @@ import torch
 
 from dist_seg import cli
 from dist_seg.config import ConfigError, RunConfig, merge
-from dist_seg.trainer import Trainer, TrainingError, list_checkpoints, load_latest_checkpoint, load_recipe, train
+from dist_seg.runtime import load_recipe
+from dist_seg.trainer import Trainer, TrainingError, list_checkpoints, load_latest_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "stego_toy.py")
@@ -197,7 +198,7 @@ def test_nan_loss_stops_with_step(toy_root, tmp_path, monkeypatch):
 
 
 def test_knn_table_of_other_run_is_refused(toy_root, tmp_path):
-    from dist_seg.knn import KnnTableError, save_knn_table
+    from dist_seg.knn_table import KnnTableError, save_knn_table
 
     table = tmp_path / "table.npz"
     save_knn_table(table, torch.zeros(64, 7), torch.zeros(64, 7, dtype=torch.long),

@@ -214,6 +214,41 @@ def test_resume_needs_an_existing_sweep(tmp_path):
         T.run_sweep(spec, resume=True)
 
 
+# ------------------------------------------------------------------------------ paths in sweep files
+def test_recipe_of_a_sweep_file_resolves_from_any_directory(tmp_path, monkeypatch):
+    """`recipe: recipes/stego_toy.py` means the project's recipe wherever the sweep is started from."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = T.parse_sweep(SWEEP_TOY)
+    assert spec.recipe == "recipes/stego_toy.py" and spec.base_dir == str(SWEEP_TOY.parent)
+    assert T.recipe_search_dirs(spec) == [SWEEP_TOY.parent, REPO], "the sweep's folder, then its project root"
+    cfg = T.base_config(spec)
+    assert cfg.method == "stego" and cfg.train.num_steps == 10, "recipe + the sweep's budget.max_steps"
+    assert T.recipe_path(spec) == str(REPO / "recipes" / "stego_toy.py")
+
+    # a sweep file beside its own recipe, in a project of its own
+    project = tmp_path / "project"
+    (project / "recipes").mkdir(parents=True)
+    (project / "recipes" / "mine.py").write_text((REPO / "recipes" / "stego_toy.py").read_text())
+    (project / "sweeps").mkdir()
+    own = project / "sweeps" / "s.yaml"
+    own.write_text(yaml.safe_dump({"name": "s", "recipe": "recipes/mine.py",
+                                   "params": {"stego.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    assert T.base_config(T.parse_sweep(own)).method == "stego"
+    assert T.recipe_path(T.parse_sweep(own)) == str(project / "recipes" / "mine.py")
+
+    # a recipe that is nowhere: the error names every place tried
+    own.write_text(yaml.safe_dump({"name": "s", "recipe": "recipes/missing.py",
+                                   "params": {"stego.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    with pytest.raises(T.SweepError) as err:
+        T.base_config(T.parse_sweep(own))
+    message = str(err.value)
+    for place in (project / "sweeps" / "recipes" / "missing.py", project / "recipes" / "missing.py",
+                  elsewhere / "recipes" / "missing.py"):
+        assert str(place) in message, f"{place} not listed in: {message}"
+
+
 # ------------------------------------------------------------------------------ end-to-end sweep
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -309,6 +344,35 @@ def test_multi_worker_trial_runs_as_a_torch_trainer(tmp_path, monkeypatch, capsy
     assert len(children) == 1 and children.iloc[0]["status"] == "FINISHED", children[["status", "tags.error"]]
     assert children.iloc[0]["tags.world_size"] == "2", "the trial must train on 2 processes"
     assert children.iloc[0]["metrics.val/cluster_mIoU"] > 0
+
+
+@pytest.mark.slow
+def test_sweep_started_elsewhere_and_plain_runs_lists_its_trials(tmp_path, monkeypatch, capsys, toy_root,
+                                                                ray_cluster):
+    """`cd /tmp && dist-seg sweep /path/to/recipes/sweep_toy.yaml`, then a plain `dist-seg runs` shows the trials."""
+    import shutil
+
+    from dist_seg import cli
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the sweep file's project provides recipes/stego_toy.py
+    shutil.copytree(toy_root, tmp_path / "data" / "toy")  # the recipe's data.root=data/toy, relative to here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    argv = ["sweep", str(SWEEP_TOY), "num_samples=2", "scheduler.type=none", "budget.max_steps=2",
+            "storage_path=ray", "verbose=0"]
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, f"{out}\n{err[-3000:]}"
+    assert "recipe not found" not in err
+    assert f"reproduce: dist-seg train {REPO / 'recipes' / 'stego_toy.py'}" in out, out
+    summary = out[out.index("experiment 'dist_seg_sweeps'"):]
+    assert summary.count("FINISHED") == 2 and "cluster mIoU" in summary, summary
+
+    assert cli.main(["runs"]) == 0, "runs of every experiment, the sweep's included"
+    listing = capsys.readouterr().out
+    assert "experiment 'dist_seg_sweeps': 3 runs" in listing, listing
+    trials = [line for line in listing.splitlines() if line.startswith("└")]
+    assert len(trials) == 2 and all("2/2" in t for t in trials), listing
+    assert all(len(line) <= 120 for line in listing.splitlines())
 
 
 def test_metric_agreement_is_a_rank_correlation():

@@ -1,10 +1,15 @@
-"""The STEGO evaluation protocol (SPEC §6) for any method, and ``dist-seg eval``.
+"""The STEGO evaluation protocol (SPEC §6) for any method, and a run's validation without a trainer.
 
 Validation crops are the minor side resized to ``eval_res`` and centre-cropped (done by the shard
 reader). The code is averaged with the code of the horizontally flipped image, upsampled bilinearly to
 the label size, and classified by the method's cluster head and, when present, its linear probe.
 An optional dense CRF refines both predictions. Confusion matrices are summed over ranks before the
 Hungarian matching.
+
+:func:`validate_run` scores a method on its run's validation split; the trainer's validation and
+``dist-seg eval --checkpoint`` (:func:`evaluate_checkpoint`) both call it. The ``dist-seg eval`` command
+itself is :mod:`dist_seg.eval_command`, which also trains the baselines through the trainer (this module
+sits below the trainer and never imports it).
 """
 
 from __future__ import annotations
@@ -254,8 +259,103 @@ def save_reports(result: dict, out_dir: str | Path, *, class_names=None, colors=
     return paths
 
 
+# --------------------------------------------------------------------------------- a run's validation
+def validate_run(method: Method, cfg, info, *, device: torch.device, local_batch: int, backbone=None,
+                 autocast=None, num_overlays: int = 0, crf: Optional[bool] = None) -> Optional[dict]:
+    """Score ``method`` on the validation split of the run ``cfg`` (SPEC §6); ``None`` when it has none.
+
+    Args:
+        method: the (unwrapped) method, on ``device``.
+        cfg: the run config (data, eval and mode settings).
+        info: the run's :class:`dist_seg.features.DataInfo`.
+        device: where features and predictions are computed.
+        local_batch: this process's share of ``data.batch_size``.
+        backbone: the frozen backbone, for features computed from images (not needed when the cache holds
+            the validation split or the method reads images).
+        autocast: the accelerator's autocast context factory for the backbone.
+        num_overlays: examples kept for the overlay figure.
+        crf: refine with the dense CRF; ``None`` means ``cfg.eval.crf``.
+
+    Returns:
+        :func:`evaluate`'s result, identical on every rank (collective: every rank must call it).
+    """
+    from dist_seg.data.shards import make_loader
+
+    if not info.has_val or not method.validates:
+        return None
+    # Validation reads the cache only when it holds the validation split (flipped views at eval_res).
+    cached = cfg.train.mode == "cached" and info.val_cached
+    loader, _ = make_loader(
+        info.cache if cached else cfg.data.root, cfg.data.val_split,
+        batch_size=local_batch, res=cfg.data.eval_res, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+        shuffle=False, infinite=False, start_batch=0, shuffle_buffer=cfg.data.shuffle_buffer,
+        decode="features" if cached else "image",
+    )
+    if method.inputs == "images":
+        feature_fn = image_feature_fn(device)
+    elif info.val_cached:
+        feature_fn = cached_feature_fn(device)
+    else:
+        feature_fn = backbone_feature_fn(backbone, device, autocast)
+    batches = loader
+    if cfg.data.max_val_samples:
+        limit = max(1, cfg.data.max_val_samples // cfg.data.batch_size)
+        batches = (b for i, b in zip(range(limit), loader))
+    return evaluate(method, batches, feature_fn,
+                    num_classes=info.num_classes, device=device, flip_tta=cfg.eval.flip_tta,
+                    has_labels=info.has_val_labels,
+                    crf=cfg.eval.crf if crf is None else crf, crf_workers=cfg.eval.crf_workers,
+                    num_overlays=num_overlays)
+
+
+def evaluate_checkpoint(method: Method, cfg, *, crf: Optional[bool] = None, accelerator=None) -> tuple:
+    """Validate a trained method (as rebuilt from its checkpoint) on its run's data, without a trainer.
+
+    Builds what validation needs and nothing else: the data facts, the frozen backbone when features come
+    from images, this process's batch. No optimiser, KNN table or tracking run is created.
+
+    Args:
+        method: the method with its trained parameters (e.g. from ``load_method_checkpoint``).
+        cfg: the checkpoint's run config (with any overrides).
+        crf: as in :func:`validate_run`.
+        accelerator: an ``accelerate.Accelerator``; one is built (and ended) here when omitted.
+
+    Returns:
+        ``(result or None, DataInfo)``.
+    """
+    from dist_seg.config import ConfigError
+    from dist_seg.features import read_data_info
+    from dist_seg.runtime import make_accelerator
+
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(cfg)
+    try:
+        world = accelerator.num_processes
+        if cfg.data.batch_size % world:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible by "
+                              f"the number of processes ({world})")
+        info = read_data_info(cfg)
+        device = accelerator.device
+        backbone = None
+        if method.inputs != "images" and info.has_val and not info.val_cached:
+            from dist_seg.backbones import load_backbone
+
+            backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
+                                     allow_download=cfg.backbone.allow_download,
+                                     dtype=cfg.train.mixed_precision).to(device)
+        method = method.to(device).eval()
+        result = validate_run(method, cfg, info, device=device, local_batch=cfg.data.batch_size // world,
+                              backbone=backbone, autocast=accelerator.autocast,
+                              num_overlays=cfg.eval.num_overlays, crf=crf)
+        return result, info
+    finally:
+        if own:
+            accelerator.end_training()
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``dist-seg eval`` (run by :mod:`dist_seg.eval_command`)."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a training checkpoint (.pt) to evaluate")
     src.add_argument("--baselines", nargs="+", choices=["raw", "pca", "rp"],
@@ -265,8 +365,3 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for the JSON report and figures")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
-
-def run(args: argparse.Namespace) -> int:
-    from dist_seg import trainer
-
-    return trainer.run_eval_command(args)

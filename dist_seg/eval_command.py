@@ -1,0 +1,63 @@
+"""``dist-seg eval``: score a checkpoint, or train and score the backbone-feature baselines (SPEC §5, §6).
+
+This command glues two layers, so it sits above both: evaluating a checkpoint is evaluation alone
+(:func:`dist_seg.eval.evaluate.evaluate_checkpoint`, no trainer), while ``--baselines`` fits each
+baseline's probes on the training split, which is a training run (:func:`dist_seg.trainer.train_baseline`).
+``dist_seg.eval`` stays below the trainer and never imports it (docs/decisions.md, "Layout").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dist_seg import distributed as D
+from dist_seg.config import ConfigError, merge
+from dist_seg.eval.evaluate import configure_parser, evaluate_checkpoint, format_table, save_reports
+from dist_seg.runtime import load_recipe, make_accelerator, resolve_config, setup_logging
+from dist_seg.trainer import TrainingError, load_method_checkpoint, train_baseline
+
+__all__ = ["configure_parser", "run", "run_eval_command"]
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``dist-seg eval``: a checkpoint, or baselines fit on the recipe's training split."""
+    setup_logging()
+    rows: dict[str, dict] = {}
+    try:
+        if args.checkpoint:
+            method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides)
+            cfg = merge(cfg, overrides=["tracking.enabled=false", "train.resume=false"])
+            result, info = evaluate_checkpoint(method, cfg, crf=args.crf)
+            rows[f"{cfg.method} (step {state['step']})"] = result
+            out = args.out or str(Path(args.checkpoint).parent.parent / "eval")
+        else:
+            if not args.recipe:
+                raise ConfigError("--baselines needs --recipe (dataset, backbone, resolution and steps)")
+            base = resolve_config(load_recipe(args.recipe)(), args.overrides)
+            info, out = None, args.out or str(Path(base.train.output_dir) / "baselines")
+            accelerator = make_accelerator(base)
+            try:
+                for kind in args.baselines:
+                    res = train_baseline(base, kind, crf=args.crf, accelerator=accelerator)
+                    rows[f"baseline {kind}"] = res["val"]
+                    info = res.get("info")
+            finally:
+                accelerator.end_training()
+    except (ConfigError, FileNotFoundError, ValueError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if D.is_main_process():
+        print(format_table(rows, title="validation (SPEC §6 protocol)"))
+        for name, res in rows.items():
+            if res is not None:
+                save_reports(res, out, class_names=getattr(info, "class_names", None),
+                             colors=getattr(info, "colors", None),
+                             name=name.replace(" ", "_").replace("(", "").replace(")", ""))
+        print(f"reports written to {out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_eval_command(args)
