@@ -179,7 +179,7 @@ def _describe_unreadable(path: Path, err: BaseException) -> str:
 
 
 def load_weights_only(path: str | os.PathLike, *, map_location: Any = "cpu", allowed_globals: Iterable[type] = (),
-                      expected: str = EXPECTED) -> Any:
+                      expected: str = EXPECTED, refused_hint: str | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` with every failure turned into a one-line error.
 
     Args:
@@ -188,6 +188,8 @@ def load_weights_only(path: str | os.PathLike, *, map_location: Any = "cpu", all
         allowed_globals: classes that hold only data (e.g. DeepSpeed's loss-scaler records) that the
             file may contain besides tensors and plain values; nothing else is built.
         expected: what the file should have been, for the messages.
+        refused_hint: what to do when the file needs other objects built (default: the
+            ``--trust-checkpoint`` / ``dist-seg convert-checkpoint`` advice for training checkpoints).
 
     Raises:
         FileNotFoundError: no such file.
@@ -206,11 +208,12 @@ def load_weights_only(path: str | os.PathLike, *, map_location: Any = "cpu", all
         found = _GLOBAL.search(str(err))
         if found:
             name = found.group(1)
+            hint = refused_hint or (
+                "a checkpoint of an older dist_seg (numpy values, config objects) looks like this, and so does a file "
+                "made to run code. Only if you trust its source, pass --trust-checkpoint, or convert it once with "
+                f"`dist-seg convert-checkpoint {path} NEW.pt --trust-checkpoint`")
             raise UntrustedCheckpointError(
-                f"{path} holds pickled Python objects ({name}) that loading would have to build, i.e. run code: a "
-                f"checkpoint of an older dist_seg (numpy values, config objects) looks like this, and so does a file "
-                f"made to run code. Only if you trust its source, pass --trust-checkpoint, or convert it once with "
-                f"`dist-seg convert-checkpoint {path} NEW.pt --trust-checkpoint`",
+                f"{path} holds pickled Python objects ({name}) that loading would have to build, i.e. run code: {hint}",
                 path=path, global_name=name) from None
         raise CheckpointError(f"{path} cannot be read: {_describe_unreadable(path, err)}; "
                               f"expected {expected}") from None

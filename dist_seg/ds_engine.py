@@ -220,7 +220,12 @@ def _weights_only_checkpoint_engine(config):
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
             return load_weights_only(path, map_location=map_location, allowed_globals=_safe_globals(),
-                                     expected="a DeepSpeed checkpoint shard written by `dist-seg train`")
+                                     expected="a DeepSpeed checkpoint shard written by `dist-seg train`",
+                                     refused_hint="a ZeRO shard written by dist_seg holds only tensors, plain values "
+                                                  "and dist_seg.ds_engine.DEEPSPEED_SAFE_GLOBALS, so this one was "
+                                                  "written by something else (or by another DeepSpeed version): "
+                                                  "delete this step's checkpoint (its step-*.pt file and deepspeed/ "
+                                                  "folder) to resume from an earlier one")
 
     return WeightsOnlyCheckpointEngine(config)
 
