@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import enum
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dist_seg import cli
@@ -81,7 +83,7 @@ def test_training_checkpoint_round_trips_through_weights_only(trained, capsys):
 
 BAD_FILES = {
     "pickle_that_runs_code": lambda p, m: torch.save({"step": 1, "method": RunsCode(m)}, p),
-    "raw_pickle_that_runs_code": lambda p, m: p.write_bytes(__import__("pickle").dumps(RunsCode(m))),
+    "raw_pickle_that_runs_code": lambda p, m: p.write_bytes(pickle.dumps(RunsCode(m))),
     "random_bytes": lambda p, m: p.write_bytes(np.random.default_rng(0).bytes(4096)),
     "text_file": lambda p, m: p.write_text("hello\n"),
     "empty_file": lambda p, m: p.write_bytes(b""),
@@ -138,7 +140,7 @@ def _old_style(state: dict, path: Path) -> Path:
     old.pop(FORMAT_KEY)
     old["best_miou"] = np.float64(12.5)
     old["assignment"] = np.array([3, 1, 4, 0, 2])
-    old["config"] = from_yaml(RunConfig, __import__("yaml").safe_dump(state["config"]))
+    old["config"] = from_yaml(RunConfig, yaml.safe_dump(state["config"]))
     old["meta"] = {**state["meta"], "num_classes": np.int64(state["meta"]["num_classes"])}
     torch.save(old, path)
     with pytest.raises(Exception, match="Weights only load failed"):

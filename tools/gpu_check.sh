@@ -22,6 +22,7 @@ if [[ $DRY -eq 0 ]]; then
     exit 2
   fi
   t0=$(date +%s)
+  export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
   # The project from this work tree (setuptools and wheel come with the machine's Python).
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" "$ROOT"

@@ -27,6 +27,8 @@ BINARY=(
   "pydantic-core==$(python3 -c 'import pydantic_core; print(pydantic_core.__version__)')"
   "annotated-types==$(python3 -c 'import importlib.metadata as m; print(m.version("annotated-types"))')"
   "typing-inspection==$(python3 -c 'import importlib.metadata as m; print(m.version("typing-inspection"))')"
+  # pydantic needs a recent one; the machine's may be older.
+  "typing-extensions==$(python3 -c 'import importlib.metadata as m; print(m.version("typing-extensions"))')"
 )
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${PLATFORMS[@]}" -d "$DEST" "${BINARY[@]}"
