@@ -174,7 +174,7 @@ def _describe_unreadable(path: Path, err: BaseException) -> str:
             return "a truncated or corrupted torch zip archive (was it copied completely?)"
         return f"a zip archive torch cannot read ({str(err).splitlines()[0][:120]})"
     if head[:1] == b"\x80":
-        return "a damaged pickle"
+        return "a pickle that torch.save did not write, or a damaged one"
     return "not a torch file (no zip archive or pickle inside)"
 
 
