@@ -23,6 +23,12 @@ Typical use (one process per device, started by ``accelerate launch``, ``torchru
     engine.step()                      # optimiser step (with clipping) and zero_grad
     engine.module.after_step()
     engine.save("runs/x/ds_checkpoints", "step-00000100", {"step": 100})   # collective
+
+DeepSpeed 0.19 reads its own checkpoint files with ``torch.load(..., weights_only=False)`` (its
+``TorchCheckpointEngine``). The engine built here swaps that loader for one that reads with
+``weights_only=True``, allowing only the four record classes DeepSpeed's ZeRO-1/2 files hold besides tensors
+and plain values (:data:`DEEPSPEED_SAFE_GLOBALS`); a shard that needs anything else is refused with a
+one-line error instead of being unpickled (docs/scaling.md, "What is trusted").
 """
 
 from __future__ import annotations
@@ -37,9 +43,19 @@ from typing import Any, Optional
 
 import torch
 
+from dist_seg.checkpoints import load_weights_only
 from dist_seg.methods.base import Batch, Method, StepContext
 
-__all__ = ["DeepSpeedEngine", "resolve_ds_config"]
+__all__ = ["DEEPSPEED_SAFE_GLOBALS", "DeepSpeedEngine", "resolve_ds_config"]
+
+# Classes, by import path, that DeepSpeed's ZeRO stage 0-2 checkpoint files pickle besides tensors and plain
+# values (read off files written by deepspeed 0.19 on CPU): plain records whose unpickling only sets attributes.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 # Keys of our client state inside DeepSpeed's checkpoint dict: one key, so the caller's names ("step",
 # "optimizer", ...) can never collide with DeepSpeed's own entries, and load() returns exactly what save() got.
@@ -184,6 +200,36 @@ def _skip_cpu_shm_kernel() -> None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def _safe_globals() -> list[type]:
+    import importlib
+
+    found = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: a file needing it is refused
+            continue
+    return found
+
+
+def _weights_only_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine with its ``load`` reading ``weights_only=True``."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location=map_location, allowed_globals=_safe_globals(),
+                                     expected="a DeepSpeed checkpoint shard written by `dist-seg train`",
+                                     refused_hint="a ZeRO shard written by dist_seg holds only tensors, plain values "
+                                                  "and dist_seg.ds_engine.DEEPSPEED_SAFE_GLOBALS, so this one was "
+                                                  "written by something else (or by another DeepSpeed version): "
+                                                  "delete this step's checkpoint (its step-*.pt file and deepspeed/ "
+                                                  "folder) to resume from an earlier one")
+
+    return WeightsOnlyCheckpointEngine(config)
+
+
 class DeepSpeedEngine:
     """A :class:`Method` and its optimiser under DeepSpeed ZeRO (stage 2 by default).
 
@@ -222,6 +268,15 @@ class DeepSpeedEngine:
         _ensure_process_group()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=method, optimizer=optimizer,
                                                                  config=self.config)
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        if type(self.engine.checkpoint_engine) is not TorchCheckpointEngine:
+            raise ValueError(f"the DeepSpeed config selects the {type(self.engine.checkpoint_engine).__name__}; "
+                             f"dist_seg reads DeepSpeed checkpoints only through the default torch engine, with "
+                             f"weights_only=True: remove the 'checkpoint' writer / 'datastates' settings")
+        # DeepSpeed's own loader unpickles with weights_only=False; ours builds nothing but tensors, plain
+        # values and DEEPSPEED_SAFE_GLOBALS.
+        self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine._config)
         self._dtype = next(self.engine.module.parameters()).dtype
 
     # -- the method --------------------------------------------------------------------------------

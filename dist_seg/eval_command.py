@@ -27,7 +27,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     rows: dict[str, dict] = {}
     try:
         if args.checkpoint:
-            method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides)
+            method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides,
+                                                        trust=args.trust_checkpoint)
             cfg = merge(cfg, overrides=["tracking.enabled=false", "train.resume=false"])
             result, info = evaluate_checkpoint(method, cfg, crf=args.crf)
             rows[f"{cfg.method} (step {state['step']})"] = result

@@ -83,6 +83,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw-clusters", action="store_true", help="write cluster ids, not matched class ids")
     parser.add_argument("--no-overlays", action="store_true", help="write label PNGs only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="also read a checkpoint that torch.load(weights_only=True) refuses (written before "
+                             "safe checkpoints): this unpickles it, which runs any code it holds; only for files "
+                             "from a source you trust (`dist-seg convert-checkpoint` re-saves it safely)")
     parser.add_argument("overrides", nargs="*", help="config overrides (e.g. backbone.weights=/path)")
 
 
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     device = torch.device(args.device)
     try:
-        method, cfg, state = load_method_checkpoint(args.checkpoint, device=device, overrides=args.overrides)
+        method, cfg, state = load_method_checkpoint(args.checkpoint, device=device, overrides=args.overrides,
+                                                    trust=args.trust_checkpoint)
         paths = list_images(args.images)
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
                                  dtype=cfg.train.mixed_precision if device.type == "cuda" else None).to(device)

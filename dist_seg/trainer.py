@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from dist_seg import distributed as D
+from dist_seg.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
 from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
 from dist_seg.methods import build_method, method_class
@@ -60,28 +60,19 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / CKPT_DIR
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def list_checkpoints(cfg: RunConfig) -> list[Path]:
     return sorted(checkpoint_dir(cfg).glob("step-*.pt"))
 
 
 def load_latest_checkpoint(cfg: RunConfig) -> tuple[Optional[dict], Optional[Path]]:
-    """Newest checkpoint that loads; unreadable ones (half-written, corrupted) are skipped with a warning."""
+    """Newest checkpoint that loads; unreadable ones (half-written, corrupted) are skipped with a warning.
+
+    Files are read with ``weights_only=True`` only (:func:`dist_seg.checkpoints.load_checkpoint`): a pickle
+    dropped into the folder that would run code is skipped like a corrupted file, never executed.
+    """
     for path in reversed(list_checkpoints(cfg)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or "step" not in state or "method" not in state:
-                raise ValueError("not a dist_seg checkpoint")
-            return state, path
+            return load_checkpoint(path), path
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             log.warning("skipping unreadable checkpoint %s (%s)", path, err)
     return None, None
@@ -95,26 +86,34 @@ def prune_checkpoints(cfg: RunConfig) -> None:
         shutil.rmtree(checkpoint_dir(cfg) / "deepspeed" / path.stem, ignore_errors=True)
 
 
-def load_method_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
-                           overrides: Sequence[str] = ()) -> tuple[Method, RunConfig, dict]:
-    """Rebuild a method from a checkpoint (its saved config, optionally overridden) for eval/predict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "config" not in state or "method" not in state:
-        raise ValueError(f"{path} is not a dist_seg checkpoint (no config/method state)")
+def load_method_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", overrides: Sequence[str] = (),
+                           trust: bool = False) -> tuple[Method, RunConfig, dict]:
+    """Rebuild a method from a checkpoint (its saved config, optionally overridden) for eval/predict.
+
+    The file is read with ``weights_only=True``; ``trust=True`` (``--trust-checkpoint``) also reads an
+    old-format pickle, which runs any code it holds. Every file that cannot be used raises a
+    :class:`~dist_seg.checkpoints.CheckpointError` (a ``ValueError``) naming it.
+    """
     import yaml
 
     from dist_seg.config import from_yaml
 
-    cfg = from_yaml(RunConfig, yaml.safe_dump(state["config"]))
+    path = Path(path)
+    state = load_checkpoint(path, trust=trust)
+    try:
+        cfg = from_yaml(RunConfig, yaml.safe_dump(dict(state["config"])))
+    except (ConfigError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path} holds a config this dist_seg cannot read ({err})") from None
     if overrides:
         cfg = merge(cfg, overrides=overrides)
     meta = state["meta"]
     method = build_method(cfg, feat_dim=meta["feat_dim"], num_classes=meta["num_classes"],
-                          has_labels=meta["has_labels"])
-    method.load_state_dict(state["method"])
+                          has_labels=meta.get("has_labels", True))
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its weights do not fit the {cfg.method} model its config describes "
+                              f"({str(err).splitlines()[0]})") from None
     return method.to(device).eval(), cfg, state
 
 
@@ -277,13 +276,14 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {
-            "step": self.step,
+            "step": int(self.step),
             "method": self.unwrapped.state_dict(),
             # Under ZeRO each rank holds a shard of the optimiser state: DeepSpeed saves those beside this file.
             "optimizer": self.optimizer.state_dict() if self.engine is None else None,
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "best_miou": self.best_miou,
-            "assignment": self.assignment,
+            "best_miou": float(self.best_miou),
+            # Plain ints (never numpy scalars): the file must load with torch.load(weights_only=True).
+            "assignment": None if self.assignment is None else [int(a) for a in self.assignment],
             "config": to_dict(self.cfg),
             "meta": {"feat_dim": self.unwrapped.feat_dim, "num_classes": self.info.num_classes,
                      "has_labels": self.info.has_train_labels, "world_size": self.world,
@@ -311,7 +311,7 @@ class Trainer:
             self.engine.save(checkpoint_dir(self.cfg) / "deepspeed", f"step-{self.step:08d}")  # collective
         if self.accelerator.is_main_process:
             path = checkpoint_dir(self.cfg) / (BEST_NAME if best else f"step-{self.step:08d}.pt")
-            atomic_save(state, path)
+            save_checkpoint(state, path)
             if not best:
                 prune_checkpoints(self.cfg)
         self.accelerator.wait_for_everyone()
@@ -326,7 +326,7 @@ class Trainer:
         if step is None:
             return False
         if state is None or int(state["step"]) != step:
-            state = torch.load(checkpoint_dir(self.cfg) / f"step-{step:08d}.pt", map_location="cpu", weights_only=False)
+            state = load_checkpoint(checkpoint_dir(self.cfg) / f"step-{step:08d}.pt")
         self.load_state_dict(state)
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", path, self.step)
@@ -497,7 +497,7 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
     try:
         cfg = resolve_config(config_fn(), argv)
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, TrainingError) as err:
+    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     val = result.get("val")

@@ -227,8 +227,22 @@ def single_process_main(ckpt_dir: str) -> None:
         missing_error = ""
     except FileNotFoundError as err:
         missing_error = str(err)
+    # DeepSpeed's shards are read weights-only: a shard replaced by a pickle that would run code is refused.
+    from dist_seg.checkpoints import CheckpointError
+    from tests.test_checkpoints import RunsCode
+
+    marker = Path(ckpt_dir) / "MARKER"
+    shard = next((Path(ckpt_dir) / "only").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": RunsCode(marker)}, shard)
+    try:
+        reloaded.load(ckpt_dir, tag="only")
+        malicious_error = ""
+    except CheckpointError as err:
+        malicious_error = str(err)
     ours, theirs, back = _params(engine.module), _params(ref), _params(reloaded.module)
     print("REPORT " + json.dumps({
+        "loader": type(reloaded.engine.checkpoint_engine).__name__, "malicious_error": malicious_error,
+        "marker_written": marker.exists(),
         "world": dist.get_world_size(), "backend": dist.get_backend(), "client": client,
         "max_diff_vs_torch": max(float((ours[k] - theirs[k]).abs().max()) for k in ours),
         "reload_exact": all(torch.equal(back[k], ours[k]) for k in ours),
@@ -255,3 +269,5 @@ def test_single_plain_process_gets_a_one_rank_group(tmp_path):
     assert report["reload_exact"] and report["client"] == {"step": SAVE_AT}, report
     assert "no DeepSpeed checkpoint" in report["missing_error"], report
     assert "build_optimizer" in report["foreign_error"], report
+    assert report["loader"] == "WeightsOnlyCheckpointEngine", report
+    assert "(exec)" in report["malicious_error"] and not report["marker_written"], report

@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "dist_seg"
 # names or packages (a package covers its submodules); the most specific entry wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("dist_seg", "dist_seg.distributed", "dist_seg.maskdistill.config", "dist_seg.config",
-                    "dist_seg.runtime")),
+                    "dist_seg.runtime", "dist_seg.checkpoints")),
     ("stages", ("dist_seg.data", "dist_seg.backbones", "dist_seg.features", "dist_seg.knn", "dist_seg.knn_table",
                 "dist_seg.heads", "dist_seg.losses", "dist_seg.maskdistill", "dist_seg.methods", "dist_seg.eval",
                 "dist_seg.tracking", "dist_seg.ds_engine")),

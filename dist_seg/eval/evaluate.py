@@ -363,5 +363,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="recipe file for --baselines (dataset, backbone, resolution)")
     parser.add_argument("--crf", action="store_true", help="refine predictions with the dense CRF")
     parser.add_argument("--out", default=None, help="folder for the JSON report and figures")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="also read a checkpoint that torch.load(weights_only=True) refuses (written before "
+                             "safe checkpoints): this unpickles it, which runs any code it holds; only for files "
+                             "from a source you trust (`dist-seg convert-checkpoint` re-saves it safely)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
