@@ -240,6 +240,33 @@ def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"invalid config from {source}{where}: {msg}")
 
 
+def _is_str_field(cls: Any, key: str) -> bool:
+    """Whether the dotted ``key`` names a ``str`` (or ``Optional[str]``) field of dataclass ``cls``."""
+    import typing
+
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return False
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        cls = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return cls is str
+
+
+def _dotlist_item(base: Any, item: str) -> str:
+    """``key=value`` with the value kept as text when ``key`` is a string field.
+
+    Dotlist values are parsed as YAML 1.1 scalars, where ``no``/``off``/``yes`` are booleans: without
+    this ``train.mixed_precision=no`` would arrive as the string ``'False'``.
+    """
+    key, value = item.split("=", 1)
+    if value in ("null", "~", "") or value[:1] in ("'", '"') or not _is_str_field(type(base), key):
+        return item
+    return f"{key}={yaml.safe_dump(value, default_style=chr(39)).strip()}"
+
+
 def merge(base: T, *, yaml_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
     """Return ``base`` with YAML files then ``a.b=value`` overrides merged on top.
 
@@ -270,7 +297,7 @@ def merge(base: T, *, yaml_files: Sequence[str | Path] = (), overrides: Sequence
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_dotlist_item(base, item)]))
         except OmegaConfBaseException as err:
             raise _wrap(err, f"override {item!r}") from None
     try:

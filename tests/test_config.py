@@ -49,3 +49,15 @@ def test_bad_choice_and_value():
 def test_configs_are_keyword_only():
     with pytest.raises(TypeError):
         RunConfig("stego")  # type: ignore[misc]
+
+
+def test_string_overrides_keep_yaml_1_1_booleans_as_text():
+    # `no`, `yes`, `off` are booleans in YAML 1.1: a string field must still get the text the user typed
+    cfg = merge(RunConfig(), overrides=["train.mixed_precision=no", "tracking.run_name=off", "backbone.weights=null",
+                                        "train.num_steps=7"])
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.tracking.run_name == "off"
+    assert cfg.backbone.weights is None
+    assert cfg.train.num_steps == 7
+    with pytest.raises(ConfigError, match="train.resume"):
+        merge(RunConfig(), overrides=["train.resume=maybe"])
