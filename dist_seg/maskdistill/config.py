@@ -53,6 +53,37 @@ class DistilConfig:
     student: str = "deeplab"
     init: str = "ssl"
     weights: Optional[str] = None
+    # OHEM loss: share of the local batch's pixels whose losses are averaged.
+    top_fraction: float = 0.2
+    # deeplab: SGD; lr ×0.1 once the 0-based epoch exceeds lr_drop_after (the official step scheduler).
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 45
+    lr_drop_after: int = 40
+    batch_size: int = 16
+    # Training/inference side of the deeplab student (images are resized to size × size).
+    size: int = 512
+    hflip: bool = True
+    rotate: float = 5.0
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    # "auto": SyncBatchNorm when world > 1 on GPUs (torch's SyncBN has no CPU kernel); "off": never.
+    sync_bn: str = "auto"
+    # head [ours]: a §3-style head (code dim head_dim) and a 1×1 classifier on frozen features, Adam.
+    head_dim: int = 70
+    head_lr: float = 5e-4
+    # CRF rounds (SPEC §8.5): relabel the training set with CRF-refined predictions and retrain R times.
+    crf_rounds: int = 0
+    # Linear protocol (SPEC §8.6): re-train only the last 1×1 conv of the student checkpoint
+    # `linear_from` on ground-truth labels; lr ×0.1 once the 0-based epoch exceeds linear_drop_after.
+    linear_from: Optional[str] = None
+    linear_lr: float = 0.1
+    linear_epochs: int = 45
+    linear_drop_after: int = 25
+    linear_batch_size: int = 24
+    # Optimiser steps per epoch; default ceil(training images / data.batch_size) from the manifest.
+    steps_per_epoch: Optional[int] = None
 
 
 @dataclass(kw_only=True)
