@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("dist_seg.tune", "hyperparameter sweep with Ray Tune from a YAML file"),
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
     "runs": ("dist_seg.tracking", "compare tracked MLflow runs"),
+    "pseudo": ("dist_seg.maskdistill.pseudo", "MaskDistill: confident Mask R-CNN candidates -> pseudo-label shards"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
 }
 

@@ -91,9 +91,15 @@ class DetectConfig:
 
 @dataclass(kw_only=True)
 class PseudoConfig:
-    """Confident candidates → pseudo-label shards (SPEC §8.4)."""
+    """Confident candidates → pseudo-label shards (SPEC §8.4).
+
+    Attributes:
+        threshold: τ: detections with ``score >= threshold`` are kept (only the best when none is).
+        out_root: the pseudo-label dataset folder (default ``<work_dir>/pseudo``).
+    """
 
     threshold: float = 0.9
+    out_root: Optional[str] = None
 
 
 @dataclass(kw_only=True)
