@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
     "runs": ("dist_seg.tracking", "compare tracked MLflow runs"),
     "pseudo": ("dist_seg.maskdistill.pseudo", "MaskDistill: confident Mask R-CNN candidates -> pseudo-label shards"),
+    "maskdistill": ("dist_seg.pipeline", "MaskDistill: every stage of a recipe in order (masks ... distil, eval)"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
 }
 
