@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
     "runs": ("dist_seg.tracking", "compare tracked MLflow runs"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
+    "masks": ("dist_seg.maskdistill.mining", "MaskDistill: mine one object mask per training image (SPEC 8.1)"),
+    "name": ("dist_seg.maskdistill.naming", "MaskDistill: cluster the mined masks into K pseudo-classes (SPEC 8.2)"),
 }
 
 

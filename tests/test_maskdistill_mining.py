@@ -10,6 +10,7 @@ hand-built cases never skip.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import types
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import torch
+from PIL import Image
 
 from dist_seg.maskdistill.mining import DegenerateAttentionError, mine_object_mask
 
@@ -214,3 +216,189 @@ def test_non_finite_input_is_refused():
     q[0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         mine_object_mask(q, torch.randn(2, 7, 4), 3, heads=2)
+
+
+# ------------------------------------------------------------------------------------ image wrapper
+class _DesignedBackbone(torch.nn.Module):
+    """A stand-in ViT whose last-block q/k are hand-built (patch 8, one prefix token): it lets the wrapper's
+    resize / pad / upsample / crop steps be checked against a known grid mask. It records its input."""
+
+    patch_size = 8
+    num_prefix_tokens = 1
+
+    def __init__(self, grid_mask: np.ndarray) -> None:
+        super().__init__()
+        self.grid_mask = grid_mask
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.inputs: list[torch.Tensor] = []
+
+    def last_attention_qk(self, images):
+        self.inputs.append(images)
+        grid_h, grid_w = self.grid_mask.shape
+        assert images.shape[-2:] == (grid_h * 8, grid_w * 8)
+        obj = self.grid_mask.reshape(-1)
+        keys = np.where(obj[:, None], [1.0, 0.0], [-1.0, 0.0])
+        q, k = _qk_from(np.where(obj, 2.0, 0.0), keys)
+        return q[None].float(), k[None].float()
+
+
+def test_image_wrapper_resizes_pads_upsamples_and_crops():
+    from dist_seg.maskdistill.mining import mine_image_mask
+
+    grid = np.zeros((4, 8), bool)
+    grid[0:2, 0:2] = True  # resized-pixel rows 0-15, cols 0-15: original rows 0-7, cols 0-7.5
+    backbone = _DesignedBackbone(grid)
+    image = np.random.default_rng(0).integers(0, 256, (16, 30, 3), dtype=np.uint8)
+    mask = mine_image_mask(backbone, image, heads=1, topk=0.1, mass=0.5, short_side=32)
+    assert mask.shape == (16, 30) and mask.dtype == bool
+    assert mask[:8, :7].all(), "the object's pixels"
+    assert not mask[10:].any() and not mask[:, 10:].any(), "bicubic dilation is 1-2 px at most"
+    # Input: short side 32 (16x30 -> 32x60, PIL bilinear), padded right to 64 with values that normalise to 0.
+    (x,) = backbone.inputs
+    assert x.shape == (1, 3, 32, 64)
+    normalised = (x - backbone.mean) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.equal(normalised[..., 60:], torch.zeros_like(normalised[..., 60:]))
+    expected = np.asarray(Image.fromarray(image).resize((60, 32), Image.BILINEAR), dtype=np.float32) / 255
+    np.testing.assert_allclose(x[0, :, :, :60].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- stage
+SIZES = ((20, 28), (24, 24), (28, 20), (17, 33))
+
+
+def _dataset(root: Path, num: int = 9) -> Path:
+    from dist_seg.data.manifest import update_split
+    from dist_seg.data.shards import Sample, write_split
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(num):
+        h, w = SIZES[i % len(SIZES)]
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image[h // 4: h // 2, w // 4: w // 2] = (250, 20, 20)  # a flat block, so masks are not pure noise
+        samples.append(Sample(image=image, label=None, source=f"img-{i}"))
+    info = write_split(samples, root, "train", samples_per_shard=4, image_format="png")
+    update_split(root, "train", info, name="unit", num_classes=3, class_names=None, colors=None)
+    return root
+
+
+def _cfg(root: Path, work: Path, **mine):
+    from dist_seg.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.data.root = str(root)
+    cfg.maskdistill.work_dir = str(work)
+    cfg.maskdistill.mine.backbone = "toy"
+    cfg.maskdistill.mine.short_side = 64
+    cfg.maskdistill.mine.chunk_size = 3
+    cfg.maskdistill.mine.heads = 2  # the toy ViT has 2 heads
+    for key, value in mine.items():
+        setattr(cfg.maskdistill.mine, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    """A tiny dataset and its masks mined in one uninterrupted 1-process run."""
+    from dist_seg.maskdistill.mining import mine_masks
+
+    base = tmp_path_factory.mktemp("mine")
+    root = _dataset(base / "data")
+    path = mine_masks(_cfg(root, base / "work"), split="train")
+    return root, path, json.loads(path.read_text())
+
+
+def test_masks_file_holds_one_rle_mask_per_image(mined):
+    from pycocotools import mask as mask_utils
+
+    from dist_seg.backbones import load_backbone
+    from dist_seg.data.shards import IndexedShards
+    from dist_seg.maskdistill.mining import mine_image_mask
+
+    root, path, data = mined
+    assert path.name == "masks_train.json"
+    assert [im["id"] for im in data["images"]] == list(range(9))
+    assert [(im["height"], im["width"]) for im in data["images"]] == [SIZES[i % 4] for i in range(9)]
+    assert len(data["annotations"]) == 9 and data["info"]["empty_image_ids"] == []
+    info = data["info"]
+    assert (info["backbone"], info["heads"], info["topk"], info["mass"], info["short_side"]) == ("toy", 2, 0.4, 0.5, 64)
+    assert info["weights_id"] == "random-init-seed0" and info["num_images"] == 9 and info["dataset_fingerprint"]
+    records = IndexedShards(root, "train", res=None)
+    backbone = load_backbone("toy")
+    for ann in data["annotations"]:
+        image = records[ann["image_id"]]["image"]
+        assert tuple(image.shape[1:]) == SIZES[ann["image_id"] % 4], "records are read at full resolution"
+        rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+        decoded = mask_utils.decode(rle).astype(bool)
+        np.testing.assert_array_equal(decoded, mine_image_mask(backbone, image, heads=2, short_side=64))
+        ys, xs = np.nonzero(decoded)
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert ann["area"] == decoded.sum() > 0 and ann["category_id"] == 1
+    records.close()
+
+
+def test_interrupted_run_resumes_to_the_same_file(mined, tmp_path):
+    from dist_seg.maskdistill.mining import mine_masks
+
+    root, _, data = mined
+    cfg = _cfg(root, tmp_path / "work")
+    assert mine_masks(cfg, split="train", stop_after_chunks=2) is None
+    parts = sorted((tmp_path / "work" / ".masks_train.parts").glob("part-*.json"))
+    assert len(parts) == 2 and not (tmp_path / "work" / "masks_train.json").exists()
+    path = mine_masks(cfg, split="train")
+    assert json.loads(path.read_text()) == data
+    assert not (tmp_path / "work" / ".masks_train.parts").exists()
+
+
+def test_finished_file_is_kept_and_another_config_is_refused(mined, tmp_path):
+    import shutil
+
+    from dist_seg.maskdistill.files import MaskDistillFileError
+    from dist_seg.maskdistill.mining import mine_masks
+
+    root, path, data = mined
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(path, work / path.name)
+    before = (work / path.name).stat().st_mtime_ns
+    assert mine_masks(_cfg(root, work), split="train") == work / path.name
+    assert (work / path.name).stat().st_mtime_ns == before, "a finished valid file is not rewritten"
+    with pytest.raises(MaskDistillFileError, match=r"heads=2 \(this run: 1\).*--overwrite"):
+        mine_masks(_cfg(root, work, heads=1), split="train")
+    mine_masks(_cfg(root, work, heads=1), split="train", overwrite=True)
+    assert json.loads((work / path.name).read_text())["info"]["heads"] == 1
+    with pytest.raises(ValueError, match="set maskdistill.mine.heads to 1..2"):
+        mine_masks(_cfg(root, work, heads=5), split="train")
+
+
+def _mine_on_rank(rank, world, root, work):
+    from dist_seg.maskdistill.mining import mine_masks
+
+    mine_masks(_cfg(Path(root), Path(work)), split="train")
+    return rank
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_file_as_one(mined, tmp_path):
+    from tests.dist_utils import run_distributed
+
+    root, _, data = mined
+    run_distributed(_mine_on_rank, 2, str(root), str(tmp_path / "work"))
+    assert json.loads((tmp_path / "work" / "masks_train.json").read_text()) == data
+
+
+def test_masks_command_line(mined, tmp_path, capsys):
+    from dist_seg.cli import main
+
+    root, _, data = mined
+    args = ["masks", "stego_toy", f"data.root={root}", f"maskdistill.work_dir={tmp_path}",
+            "maskdistill.mine.backbone=toy", "maskdistill.mine.short_side=64", "maskdistill.mine.chunk_size=5",
+            "maskdistill.mine.heads=2"]
+    assert main(args) == 0
+    assert "9 object masks for 9 images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "masks_train.json").read_text()) == data, "chunking does not change the file"
+    assert main([*args, "maskdistill.mine.topk=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert main(["masks", "stego_toy", f"data.root={tmp_path / 'nothing'}"]) == 2
+    assert "dist-seg prepare" in capsys.readouterr().err

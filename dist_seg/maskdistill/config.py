@@ -19,6 +19,7 @@ class MineConfig:
     topk: float = 0.4
     mass: float = 0.5
     short_side: int = 640
+    chunk_size: int = 64  # images per part file: the unit of work per rank and of resuming
 
 
 @dataclass(kw_only=True)
