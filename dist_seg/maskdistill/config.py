@@ -28,8 +28,11 @@ class NameConfig:
 
     backbone: str = "dino_vits8"
     weights: Optional[str] = None
-    num_clusters: Optional[int] = None
-    with_gt: bool = False
+    num_clusters: Optional[int] = None  # None: the dataset's object classes (manifest num_classes - 1)
+    with_gt: bool = False  # parity option: rename clusters to GT classes by Hungarian matching (reads labels)
+    support_root: Optional[str] = None  # a prepared dataset whose mined masks are used only for fitting
+    support_split: str = "train"
+    support_masks: Optional[str] = None  # default <support_root>/maskdistill/masks_<support_split>.json
 
 
 @dataclass(kw_only=True)
