@@ -124,7 +124,7 @@ def mine_object_mask(q: torch.Tensor, k: torch.Tensor, grid_w: int, *, heads: in
     source = int(proposals[0])
     graph = torch.einsum("hnd,hmd->nm", keys, keys)
     similar = proposals[graph[source, proposals] > 0]
-    diffused = (graph[similar].sum(dim=0) > 0).reshape(grid_h, grid_w).numpy()
+    diffused = (graph[similar].sum(dim=0) > 0).reshape(grid_h, grid_w).cpu().numpy()
     row, col = divmod(source, grid_w)
     if not diffused[row, col]:
         raise DegenerateAttentionError("the source patch's key is zero; no attention component holds it")
@@ -180,8 +180,9 @@ def mine_image_mask(backbone, image, *, heads: int = 5, topk: float = 0.4, mass:
     q, k = backbone.last_attention_qk(padded[None])
     prefix = backbone.num_prefix_tokens
     # Token 0 is the CLS token; the register tokens (DINOv2-reg) sit between it and the patches.
-    keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(prefix, q.shape[2])])
-    grid = mine_object_mask(q[0][:, keep].cpu(), k[0][:, keep].cpu(), pw // p, heads=heads, topk=topk, mass=mass)
+    keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(prefix, q.shape[2])]).to(q.device)
+    # Mined where the backbone runs: the N×N key graph is the costly part at 640 px.
+    grid = mine_object_mask(q[0][:, keep], k[0][:, keep], pw // p, heads=heads, topk=topk, mass=mass)
     up = F.interpolate(torch.from_numpy(grid)[None, None].float(), scale_factor=p, mode="nearest")[0, 0, :rh, :rw]
     mask = Image.fromarray(up.numpy().astype(np.uint8) * 255).resize((width, height), Image.BICUBIC)
     return np.asarray(mask) > 0
