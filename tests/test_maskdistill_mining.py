@@ -402,3 +402,22 @@ def test_masks_command_line(mined, tmp_path, capsys):
     assert "another configuration" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert main(["masks", "stego_toy", f"data.root={tmp_path / 'nothing'}"]) == 2
     assert "dist-seg prepare" in capsys.readouterr().err
+
+
+def test_images_without_attention_get_no_mask_and_are_counted(mined, tmp_path, monkeypatch):
+    from dist_seg import backbones
+    from dist_seg.maskdistill.mining import mine_masks
+
+    real_load = backbones.load_backbone
+
+    def zero_attention(name, **kwargs):  # the toy ViT with its last qkv projection zeroed: q = k = 0
+        backbone = real_load(name, **kwargs)
+        backbone.model.blocks[-1].attn.qkv.weight.data.zero_()
+        backbone.model.blocks[-1].attn.qkv.bias.data.zero_()
+        return backbone
+
+    monkeypatch.setattr(backbones, "load_backbone", zero_attention)
+    root, _, _ = mined
+    data = json.loads(mine_masks(_cfg(root, tmp_path), split="train").read_text())
+    assert data["annotations"] == [] and data["info"]["empty_image_ids"] == list(range(9))
+    assert len(data["images"]) == 9 and data["info"]["num_annotations"] == 0
