@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo": ("dist_seg.maskdistill.pseudo", "MaskDistill: confident Mask R-CNN candidates -> pseudo-label shards"),
     "maskdistill": ("dist_seg.pipeline", "MaskDistill: every stage of a recipe in order (masks ... distil, eval)"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
+    "masks": ("dist_seg.maskdistill.mining", "MaskDistill: mine one object mask per training image (SPEC 8.1)"),
+    "name": ("dist_seg.maskdistill.naming", "MaskDistill: cluster the mined masks into K pseudo-classes (SPEC 8.2)"),
 }
 
 

@@ -473,7 +473,8 @@ class RecordDecoder:
     """Turns a raw record (``{extension: bytes}``) into the tensors a batch row holds.
 
     ``decode="image"``: ``image`` uint8 ``[3, res, res]`` (minor side resized to ``res``, centre crop),
-    ``label`` int64 ``[res, res]`` (-1 = ignore; all -1 without labels), ``index`` int64.
+    ``label`` int64 ``[res, res]`` (-1 = ignore; all -1 without labels), ``index`` int64; with ``res=None``
+    the image and label keep their stored size ``[3, H, W]`` / ``[H, W]`` (rows then differ in size).
     ``decode="features"``: ``feat`` float32 ``[C, h, w]``, ``gap`` float32 ``[C]``, ``label`` int64 at
     its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``; validation
     caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop).
@@ -482,8 +483,8 @@ class RecordDecoder:
     def __init__(self, *, decode: str = "image", res: int | None = None) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        if decode == "image" and (res is None or res < 1):
-            raise ValueError("decode='image' needs a positive res")
+        if decode == "image" and res is not None and res < 1:
+            raise ValueError("decode='image' needs a positive res (or None for the full image)")
         self.mode = decode
         self.res = res
         self._decoder = wds.Decoder(
@@ -507,6 +508,11 @@ class RecordDecoder:
                 raise DataError(f"record {raw.get('__key__')}: label {label.shape} != image {image.shape[:2]}")
             # PIL-backed arrays are read-only; torch wants writable memory.
             image = np.require(image, dtype=np.uint8, requirements=["C", "W"])
+            if self.res is None:
+                # The stored image as it is (offline stages such as MaskDistill's mining work at full size).
+                out["image"] = torch.from_numpy(image).permute(2, 0, 1)
+                out["label"] = T.label_to_tensor(label, image.shape[:2])
+                return out
             out["image"] = T.resize_center_crop_tensor(torch.from_numpy(image).permute(2, 0, 1), self.res)
             if label is None:
                 out["label"] = T.label_to_tensor(None, (self.res, self.res))
@@ -1003,7 +1009,7 @@ class IndexedShards:
     Args:
         root: prepared dataset folder, or the path of a split's ``wids.json``.
         split: split name.
-        res: output side for ``decode="image"``.
+        res: output side for ``decode="image"`` (None: the stored image at its own size).
         decode: ``"image"`` or ``"features"``; rows look like :func:`make_loader`'s batch rows.
         lru_size: shards kept open at once.
     """

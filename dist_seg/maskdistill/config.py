@@ -19,6 +19,7 @@ class MineConfig:
     topk: float = 0.4
     mass: float = 0.5
     short_side: int = 640
+    chunk_size: int = 64  # images per part file: the unit of work per rank and of resuming
 
 
 @dataclass(kw_only=True)
@@ -27,8 +28,11 @@ class NameConfig:
 
     backbone: str = "dino_vits8"
     weights: Optional[str] = None
-    num_clusters: Optional[int] = None
-    with_gt: bool = False
+    num_clusters: Optional[int] = None  # None: the dataset's object classes (manifest num_classes - 1)
+    with_gt: bool = False  # parity option: rename clusters to GT classes by Hungarian matching (reads labels)
+    support_root: Optional[str] = None  # a prepared dataset whose mined masks are used only for fitting
+    support_split: str = "train"
+    support_masks: Optional[str] = None  # default <support_root>/maskdistill/masks_<support_split>.json
 
 
 def _detect_min_sizes() -> list[int]:
