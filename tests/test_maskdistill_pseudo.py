@@ -223,3 +223,19 @@ def test_cli_pseudo_errors_are_one_line(toy, tmp_path, capsys):
     assert main(["pseudo", str(recipe), "--out", str(tmp_path / "p")]) == 2
     assert "RLE of size [16, 16]" in capsys.readouterr().err
     assert not (tmp_path / "p" / "train").exists(), "a failed run must not leave a split that looks complete"
+
+
+@pytest.mark.slow
+def test_pseudo_run_killed_before_its_manifest_is_redone(toy, tmp_path):
+    root, work, recipe = toy
+    work.mkdir()
+    (work / "candidates_train.json").write_text(json.dumps(_candidates()))
+    out = tmp_path / "pseudo"
+    assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    want = read_manifest(out)
+    labels = _members(out / "train")
+    (out / "manifest.json").unlink()  # as if killed after the shards, before the manifest
+    assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    got = read_manifest(out)
+    assert got.extra["pseudo"]["counts"] == want.extra["pseudo"]["counts"] and got.splits == want.splits
+    assert _members(out / "train") == labels

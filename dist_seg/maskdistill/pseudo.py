@@ -269,8 +269,12 @@ def write_pseudo_shards(cfg, *, split: str | None = None, out_root: str | os.Pat
               "num_clusters": num_clusters, "source": str(source.resolve())}
 
     previous = read_manifest(out) if manifest_path(out).is_file() else None
-    if previous is not None and (previous.extra.get("pseudo") or {}).get("params") != params:
-        log.info("%s was made from other candidates or settings; rewriting it", out)
+    recorded = (previous.extra.get("pseudo") or {}) if previous is not None else {}
+    if recorded.get("params") != params or not recorded.get("counts"):
+        # Other candidates or settings, or a run killed before its manifest was written: nothing kept can be
+        # trusted, so every split is rewritten.
+        if previous is not None:
+            log.info("%s was made from other candidates or settings; rewriting it", out)
         overwrite = True
     counts = {"images": 0, "empty_images": 0, "fallback_images": 0, "detections": 0, "kept": 0, "painted": 0,
               "dropped_overlap": 0}
@@ -307,8 +311,8 @@ def write_pseudo_shards(cfg, *, split: str | None = None, out_root: str | os.Pat
                   colors=[[0, 0, 0]] + [list(c) for c in _cluster_colors(num_clusters)])
     info = write_records(records(), out, split, samples_per_shard=max(src_info.shard_sizes or [256]),
                          crop=src_info.crop, overwrite=overwrite, stats=stats)
-    if counts["images"] == 0:  # the split was complete and kept: keep its recorded counts
-        counts = dict(((previous.extra.get("pseudo") or {}).get("counts") or {}) if previous else {})
+    if counts["images"] == 0:  # the split was complete and kept (same candidates): keep its recorded counts
+        counts = dict(recorded["counts"])
     elif counts["images"] != src_info.num_samples:
         shutil.rmtree(out / split, ignore_errors=True)
         raise DataError(f"read {counts['images']} records from {source / split}, its manifest says "
