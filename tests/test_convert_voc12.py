@@ -130,3 +130,23 @@ def test_cli_prepare_voc12(tmp_path, capsys):
     assert cli_main(["prepare", "voc12", "--src", str(src), "--out", str(out), "--workers", "0",
                      "--no-progress"]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def test_maskcontrast_layout(tmp_path):
+    # MaskDistill's own copy of VOC: images/, SegmentationClass/, SegmentationClassAug/, sets/*.txt.
+    src, out = tmp_path / "PASCAL_VOC", tmp_path / "out"
+    for d in ("images", "SegmentationClass", "SegmentationClassAug", "sets"):
+        (src / d).mkdir(parents=True)
+    labels = {}
+    for n, image_id in enumerate(VAL + TRAIN):
+        Image.fromarray(rgb(10, 14, n)).save(src / "images" / f"{image_id}.jpg", format="PNG")
+        labels[image_id] = _label(n)
+        _palette_png(labels[image_id], src / "SegmentationClass" / f"{image_id}.png")
+        Image.fromarray(labels[image_id], mode="L").save(src / "SegmentationClassAug" / f"{image_id}.png")
+    (src / "sets" / "val.txt").write_text("\n".join(VAL) + "\n")
+    (src / "sets" / "trainaug.txt").write_text("\n".join(TRAIN[:2]) + "\n")
+    reports = prepare_voc12(src, out, workers=0, progress=False, report=False)
+    assert reports["trainaug"].info.num_samples == 2 and reports["val"].info.num_samples == 2
+    assert read_manifest(out).extra["conversion"]["val"]["layout"] == "maskcontrast"
+    for rec, image_id in zip(read_records(out, "trainaug"), TRAIN[:2]):
+        np.testing.assert_array_equal(rec["label"], _expected(labels[image_id]))

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from dist_seg.cli import main
+from dist_seg.config import DataConfig, RunConfig, merge
 from dist_seg.data.instances import encode_rle
 from dist_seg.data.manifest import DataError, read_manifest
 from dist_seg.data.shards import IndexedShards
 from dist_seg.data.toy_objects import generate_toy_objects
-from dist_seg.maskdistill.pseudo import masks_label_map, pseudo_label_map
+from dist_seg.maskdistill.config import MaskDistillConfig
+from dist_seg.maskdistill.pseudo import masks_label_map, pseudo_label_map, pseudo_up_to_date
 
 H, W = 12, 16
 
@@ -226,16 +228,23 @@ def test_cli_pseudo_errors_are_one_line(toy, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pseudo_run_killed_before_its_manifest_is_redone(toy, tmp_path):
+def test_pseudo_run_killed_before_its_manifest_is_redone_and_up_to_date_check(toy, tmp_path):
     root, work, recipe = toy
     work.mkdir()
     (work / "candidates_train.json").write_text(json.dumps(_candidates()))
     out = tmp_path / "pseudo"
+    cfg = RunConfig(method="maskdistill", data=DataConfig(dataset="toy_objects", root=str(root)),
+                    maskdistill=MaskDistillConfig(work_dir=str(work)))
+    assert not pseudo_up_to_date(cfg, out_root=out)
     assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    assert pseudo_up_to_date(cfg, out_root=out)
+    assert not pseudo_up_to_date(merge(cfg, overrides=["maskdistill.pseudo.threshold=0.5"]), out_root=out)
     want = read_manifest(out)
     labels = _members(out / "train")
     (out / "manifest.json").unlink()  # as if killed after the shards, before the manifest
+    assert not pseudo_up_to_date(cfg, out_root=out)
     assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    assert pseudo_up_to_date(cfg, out_root=out)
     got = read_manifest(out)
     assert got.extra["pseudo"]["counts"] == want.extra["pseudo"]["counts"] and got.splits == want.splits
     assert _members(out / "train") == labels
