@@ -11,7 +11,7 @@ import pytest
 
 from dist_seg.cli import main
 from dist_seg.config import DataConfig, RunConfig, merge
-from dist_seg.data.instances import encode_rle
+from dist_seg.data.instances import encode_rle, read_instances
 from dist_seg.data.manifest import DataError, read_manifest
 from dist_seg.data.shards import IndexedShards
 from dist_seg.data.toy_objects import generate_toy_objects
@@ -248,3 +248,21 @@ def test_pseudo_run_killed_before_its_manifest_is_redone_and_up_to_date_check(to
     got = read_manifest(out)
     assert got.extra["pseudo"]["counts"] == want.extra["pseudo"]["counts"] and got.splits == want.splits
     assert _members(out / "train") == labels
+
+
+def test_ground_truth_instances_as_candidates_give_the_ground_truth_labels(toy, tmp_path):
+    # A perfect detector: every toy object, score 1, its own class as the cluster. The toy objects never
+    # overlap, so the pseudo-labels must be exactly the ground-truth label maps.
+    root, work, recipe = toy
+    work.mkdir()
+    gt = read_instances(root, "train")
+    candidates = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": a["bbox"],
+                   "segmentation": a["segmentation"]} for a in gt["annotations"]]
+    (work / "candidates_train.json").write_text(json.dumps(candidates))
+    out = tmp_path / "pseudo"
+    assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    counts = read_manifest(out).extra["pseudo"]["counts"]
+    assert counts["painted"] == len(candidates) and counts["dropped_overlap"] == 0 and counts["empty_images"] == 0
+    got, src = IndexedShards(out, "train", res=32), IndexedShards(root, "train", res=32)
+    for i in range(6):
+        assert np.array_equal(got[i]["label"].numpy(), src[i]["label"].numpy())
