@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from dist_seg.cli import main
-from dist_seg.data.instances import encode_rle
+from dist_seg.config import DataConfig, RunConfig, merge
+from dist_seg.data.instances import encode_rle, read_instances
 from dist_seg.data.manifest import DataError, read_manifest
 from dist_seg.data.shards import IndexedShards
 from dist_seg.data.toy_objects import generate_toy_objects
-from dist_seg.maskdistill.pseudo import masks_label_map, pseudo_label_map
+from dist_seg.maskdistill.config import MaskDistillConfig
+from dist_seg.maskdistill.pseudo import masks_label_map, pseudo_label_map, pseudo_up_to_date
 
 H, W = 12, 16
 
@@ -223,3 +225,44 @@ def test_cli_pseudo_errors_are_one_line(toy, tmp_path, capsys):
     assert main(["pseudo", str(recipe), "--out", str(tmp_path / "p")]) == 2
     assert "RLE of size [16, 16]" in capsys.readouterr().err
     assert not (tmp_path / "p" / "train").exists(), "a failed run must not leave a split that looks complete"
+
+
+@pytest.mark.slow
+def test_pseudo_run_killed_before_its_manifest_is_redone_and_up_to_date_check(toy, tmp_path):
+    root, work, recipe = toy
+    work.mkdir()
+    (work / "candidates_train.json").write_text(json.dumps(_candidates()))
+    out = tmp_path / "pseudo"
+    cfg = RunConfig(method="maskdistill", data=DataConfig(dataset="toy_objects", root=str(root)),
+                    maskdistill=MaskDistillConfig(work_dir=str(work)))
+    assert not pseudo_up_to_date(cfg, out_root=out)
+    assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    assert pseudo_up_to_date(cfg, out_root=out)
+    assert not pseudo_up_to_date(merge(cfg, overrides=["maskdistill.pseudo.threshold=0.5"]), out_root=out)
+    want = read_manifest(out)
+    labels = _members(out / "train")
+    (out / "manifest.json").unlink()  # as if killed after the shards, before the manifest
+    assert not pseudo_up_to_date(cfg, out_root=out)
+    assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    assert pseudo_up_to_date(cfg, out_root=out)
+    got = read_manifest(out)
+    assert got.extra["pseudo"]["counts"] == want.extra["pseudo"]["counts"] and got.splits == want.splits
+    assert _members(out / "train") == labels
+
+
+def test_ground_truth_instances_as_candidates_give_the_ground_truth_labels(toy, tmp_path):
+    # A perfect detector: every toy object, score 1, its own class as the cluster. The toy objects never
+    # overlap, so the pseudo-labels must be exactly the ground-truth label maps.
+    root, work, recipe = toy
+    work.mkdir()
+    gt = read_instances(root, "train")
+    candidates = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": a["bbox"],
+                   "segmentation": a["segmentation"]} for a in gt["annotations"]]
+    (work / "candidates_train.json").write_text(json.dumps(candidates))
+    out = tmp_path / "pseudo"
+    assert main(["pseudo", str(recipe), "--out", str(out)]) == 0
+    counts = read_manifest(out).extra["pseudo"]["counts"]
+    assert counts["painted"] == len(candidates) and counts["dropped_overlap"] == 0 and counts["empty_images"] == 0
+    got, src = IndexedShards(out, "train", res=32), IndexedShards(root, "train", res=32)
+    for i in range(6):
+        assert np.array_equal(got[i]["label"].numpy(), src[i]["label"].numpy())

@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from dist_seg.data.classes import _bit_interleaved_palette
 from dist_seg.data.instances import instance_annotation, instances_path, read_instances, write_instances
-from dist_seg.data.manifest import DatasetManifest, PathLike, read_manifest, update_split
+from dist_seg.data.manifest import DataError, DatasetManifest, PathLike, read_manifest, update_split
 from dist_seg.data.shards import Sample, write_split
 from dist_seg.data.toy import _texture, class_appearance
 
@@ -237,8 +237,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> int:
     """Run ``dist-seg prepare toy_objects``."""
-    from dist_seg.data.manifest import DataError
-
     if args.num_classes < 1 or args.size < 32:
         raise DataError("toy_objects needs --num-classes >= 1 and --size >= 32")
     generate_toy_objects(args.out, num_classes=args.num_classes, num_train=args.num_train, num_val=args.num_val,

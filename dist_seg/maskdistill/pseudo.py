@@ -68,7 +68,7 @@ from dist_seg.maskdistill.files import MaskDistillFileError, candidates_path, re
 
 log = logging.getLogger(__name__)
 
-__all__ = ["masks_label_map", "pseudo_label_map", "pseudo_root", "write_pseudo_shards"]
+__all__ = ["masks_label_map", "pseudo_label_map", "pseudo_root", "pseudo_up_to_date", "write_pseudo_shards"]
 
 _MAX_CATEGORY = 254  # label PNGs are 8-bit and 255 means ignore
 
@@ -231,6 +231,51 @@ def _link_split(source: Path, split: str, out: Path, out_split: str) -> None:
         raise
 
 
+def _resolve(cfg, split: str | None, out_root) -> tuple[str, Path, Path, DatasetManifest, int, Path]:
+    split = split or cfg.data.train_split
+    source = Path(cfg.data.root)
+    out = Path(out_root) if out_root is not None else pseudo_root(cfg)
+    if out.resolve() == source.resolve():
+        raise DataError(f"the pseudo-label dataset must not overwrite its source {source}; choose another --out")
+    src_manifest = read_manifest(source)
+    src_manifest.split(split)  # a missing split fails here, naming the available ones
+    num_clusters = cfg.maskdistill.name.num_clusters or ((src_manifest.num_classes or 0) - 1)
+    if num_clusters < 1:
+        raise DataError(f"cannot tell the number of clusters K: {source} has num_classes="
+                        f"{src_manifest.num_classes}; set maskdistill.name.num_clusters")
+    return split, source, out, src_manifest, num_clusters, candidates_path(cfg, split)
+
+
+def _params(cfg, split: str, source: Path, num_clusters: int, cand_path: Path) -> dict[str, Any]:
+    """What a written pseudo-label dataset must have been made from to be kept."""
+    return {"threshold": float(cfg.maskdistill.pseudo.threshold), "candidates_sha256": _sha256(cand_path),
+            "source_split": split, "num_clusters": num_clusters, "source": str(source.resolve())}
+
+
+def pseudo_up_to_date(cfg, *, split: str | None = None, out_root: str | os.PathLike | None = None) -> bool:
+    """Whether :func:`write_pseudo_shards` would keep everything as it is (for the all-stages runner).
+
+    True when the output dataset is complete (its pseudo-label split, and the ground-truth copy when the
+    source has a val split) and was made from the current candidates file (same SHA-256), threshold,
+    K and source. Any missing input makes it False; it never raises for a missing or stale output.
+    """
+    try:
+        split, source, out, src_manifest, num_clusters, cand_path = _resolve(cfg, split, out_root)
+        if not cand_path.is_file() or not manifest_path(out).is_file():
+            return False
+        recorded = read_manifest(out).extra.get("pseudo") or {}
+        if recorded.get("params") != _params(cfg, split, source, num_clusters, cand_path) \
+                or not recorded.get("counts"):
+            return False
+        if split_is_complete(out, split) is None:
+            return False
+        val = recorded.get("val_split")
+        return cfg.data.val_split not in src_manifest.splits or (val is not None and
+                                                                 split_is_complete(out, val) is not None)
+    except (DataError, OSError):
+        return False
+
+
 def write_pseudo_shards(cfg, *, split: str | None = None, out_root: str | os.PathLike | None = None,
                         overwrite: bool = False) -> Path:
     """Write the pseudo-label dataset of ``split`` (SPEC §8.4) and return its folder.
@@ -250,27 +295,20 @@ def write_pseudo_shards(cfg, *, split: str | None = None, out_root: str | os.Pat
         MaskDistillFileError: missing/broken candidates, or candidates of another dataset.
         DataError: the source dataset is not prepared, or a mask does not fit its image.
     """
-    split = split or cfg.data.train_split
-    source = Path(cfg.data.root)
-    out = Path(out_root) if out_root is not None else pseudo_root(cfg)
-    if out.resolve() == source.resolve():
-        raise DataError(f"the pseudo-label dataset must not overwrite its source {source}; choose another --out")
-    src_manifest = read_manifest(source)
+    split, source, out, src_manifest, num_clusters, cand_path = _resolve(cfg, split, out_root)
     src_info = src_manifest.split(split)
     threshold = float(cfg.maskdistill.pseudo.threshold)
-    num_clusters = cfg.maskdistill.name.num_clusters or ((src_manifest.num_classes or 0) - 1)
-    if num_clusters < 1:
-        raise DataError(f"cannot tell the number of clusters K: {source} has num_classes="
-                        f"{src_manifest.num_classes}; set maskdistill.name.num_clusters")
-    cand_path = candidates_path(cfg, split)
     candidates = read_json(cand_path, what="Mask R-CNN candidates", made_by="dist-seg detect RECIPE")
     by_image = _group_candidates(candidates, cand_path, src_info.num_samples, num_clusters)
-    params = {"threshold": threshold, "candidates_sha256": _sha256(cand_path), "source_split": split,
-              "num_clusters": num_clusters, "source": str(source.resolve())}
+    params = _params(cfg, split, source, num_clusters, cand_path)
 
     previous = read_manifest(out) if manifest_path(out).is_file() else None
-    if previous is not None and (previous.extra.get("pseudo") or {}).get("params") != params:
-        log.info("%s was made from other candidates or settings; rewriting it", out)
+    recorded = (previous.extra.get("pseudo") or {}) if previous is not None else {}
+    if recorded.get("params") != params or not recorded.get("counts"):
+        # Other candidates or settings, or a run killed before its manifest was written: nothing kept can be
+        # trusted, so every split is rewritten.
+        if previous is not None:
+            log.info("%s was made from other candidates or settings; rewriting it", out)
         overwrite = True
     counts = {"images": 0, "empty_images": 0, "fallback_images": 0, "detections": 0, "kept": 0, "painted": 0,
               "dropped_overlap": 0}
@@ -307,8 +345,8 @@ def write_pseudo_shards(cfg, *, split: str | None = None, out_root: str | os.Pat
                   colors=[[0, 0, 0]] + [list(c) for c in _cluster_colors(num_clusters)])
     info = write_records(records(), out, split, samples_per_shard=max(src_info.shard_sizes or [256]),
                          crop=src_info.crop, overwrite=overwrite, stats=stats)
-    if counts["images"] == 0:  # the split was complete and kept: keep its recorded counts
-        counts = dict(((previous.extra.get("pseudo") or {}).get("counts") or {}) if previous else {})
+    if counts["images"] == 0:  # the split was complete and kept (same candidates): keep its recorded counts
+        counts = dict(recorded["counts"])
     elif counts["images"] != src_info.num_samples:
         shutil.rmtree(out / split, ignore_errors=True)
         raise DataError(f"read {counts['images']} records from {source / split}, its manifest says "
