@@ -31,12 +31,62 @@ class NameConfig:
     with_gt: bool = False
 
 
+def _detect_min_sizes() -> list[int]:
+    return list(range(480, 801, 32))
+
+
 @dataclass(kw_only=True)
 class DetectConfig:
-    """Mask R-CNN distillation and candidate prediction (SPEC §8.3)."""
+    """Mask R-CNN distillation and candidate prediction (SPEC §8.3).
+
+    The ``dist-seg detect`` stage trains the detector as method ``maskrcnn`` under the trainer with
+    ``data.batch_size = batch_size`` and ``train.num_steps = num_steps`` in ``<train.output_dir>/detect``
+    (checkpointing, logging and resume follow the recipe's ``train`` section), then predicts candidates.
+
+    Attributes:
+        init: ``"ssl"`` (backbone from the self-supervised ResNet-50 file ``weights``: MoCo v2/v3 or DINO)
+            or ``"random"`` (explicitly no pre-training). Supervised ImageNet weights are never used.
+        weights: local ResNet-50 file for ``init="ssl"``.
+        trainable_layers: ResNet stages trained (3 = layer2..layer4; conv1 and layer1 stay frozen).
+        split: split the detector trains and predicts on (default ``data.train_split``).
+        batch_size: global batch (images over all ranks).
+        num_steps: optimiser steps.
+        base_lr: SGD learning rate for a global batch of 16, scaled linearly to ``batch_size``.
+        momentum, weight_decay: SGD settings.
+        warmup_steps: linear warm-up from ``warmup_factor·lr`` to ``lr`` over this many steps.
+        warmup_factor: start of the warm-up, as a fraction of the learning rate.
+        milestones: the lr is multiplied by ``gamma`` when the step reaches each of these fractions of
+            ``train.num_steps`` (SPEC: 20k and 22k of 24k).
+        gamma: decay factor at each milestone.
+        min_sizes: training short sides, one drawn uniformly per image and step.
+        max_size: cap on the long side (training and prediction).
+        flip_prob: probability of a horizontal flip per image and step.
+        test_min_size: short side at prediction (the model's own test-time resize).
+        score_thresh, nms_thresh, detections_per_img: box predictor settings at prediction.
+        mask_thresh: predicted mask probabilities above this are foreground (at image size).
+    """
 
     init: str = "ssl"
     weights: Optional[str] = None
+    trainable_layers: int = 3
+    split: Optional[str] = None
+    batch_size: int = 16
+    num_steps: int = 24000
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 1e-3
+    milestones: list[float] = field(default_factory=lambda: [20000 / 24000, 22000 / 24000])
+    gamma: float = 0.1
+    min_sizes: list[int] = field(default_factory=_detect_min_sizes)
+    max_size: int = 1333
+    flip_prob: float = 0.5
+    test_min_size: int = 800
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    mask_thresh: float = 0.5
 
 
 @dataclass(kw_only=True)
