@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
     "runs": ("dist_seg.tracking", "compare tracked MLflow runs"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
+    "detect": ("dist_seg.pipeline", "MaskDistill: train Mask R-CNN on the named masks, predict candidates"),
 }
 
 
