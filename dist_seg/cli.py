@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
     "masks": ("dist_seg.maskdistill.mining", "MaskDistill: mine one object mask per training image (SPEC 8.1)"),
     "name": ("dist_seg.maskdistill.naming", "MaskDistill: cluster the mined masks into K pseudo-classes (SPEC 8.2)"),
+    "detect": ("dist_seg.pipeline", "MaskDistill: train Mask R-CNN on the named masks, predict candidates"),
 }
 
 

@@ -1,9 +1,15 @@
 """MaskDistill stages that train (SPEC §8): the top layer that may call the trainer.
 
+``dist-seg detect RECIPE [k=v ...]`` (:func:`detect_stage`) trains the Mask R-CNN detector as method
+``maskrcnn`` under :func:`dist_seg.trainer.train` in ``<train.output_dir>/detect`` and then predicts the
+candidates of every training image (``candidates_<split>.json``). Re-running the command resumes training
+from the newest checkpoint, and skips prediction when the candidates file is complete and was made from
+the final checkpoint with the same settings.
+
 ``dist-seg maskdistill RECIPE [k=v ...]`` (:func:`maskdistill_stage`) runs every stage of a recipe in
 order, skipping those whose outputs are present and valid: prepare (toy_objects only) → masks → name →
-detect → pseudo → distil (the student, plus optional CRF rounds) → linear protocol → eval. Each stage
-is also a plain function here or in :mod:`dist_seg.maskdistill`.
+detect → pseudo → distil (the student, plus optional CRF rounds; :func:`distil_stage`) → linear protocol
+(:func:`linear_stage`) → eval (:func:`eval_stage`, SPEC §8.6).
 
 Every command here shares one parser (recipe, ``--config``, overrides); :data:`STAGES` maps the command
 name to its stage function.
@@ -25,6 +31,85 @@ from dist_seg import distributed as D
 from dist_seg.config import ConfigError, RunConfig
 
 log = logging.getLogger("dist_seg.pipeline")
+
+
+DETECT_DIR = "detect"
+
+
+def detector_config(cfg: RunConfig) -> RunConfig:
+    """The detector's run config: method ``maskrcnn`` in ``<train.output_dir>/detect`` with DetectConfig's
+    global batch and number of steps; everything else (seed, checkpointing, tracking) from ``cfg``."""
+    d = cfg.maskdistill.detect
+    run_name = f"{cfg.tracking.run_name}-detect" if cfg.tracking.run_name else "detect"
+    return dataclasses.replace(
+        cfg, method="maskrcnn",
+        data=dataclasses.replace(cfg.data, batch_size=d.batch_size),
+        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / DETECT_DIR),
+                                  num_steps=d.num_steps, mode="online"),
+        tracking=dataclasses.replace(cfg.tracking, run_name=run_name),
+    )
+
+
+def _candidates_are_current(path: Path, checkpoint: Path, cfg: RunConfig, split: str) -> bool:
+    """Whether ``path`` is a complete candidates file of ``checkpoint`` with this run's prediction settings."""
+    from dist_seg.data.manifest import read_manifest
+    from dist_seg.maskdistill.detect import CANDIDATES_FORMAT, prediction_settings, read_candidates
+    from dist_seg.maskdistill.files import MaskDistillFileError
+
+    if not path.is_file():
+        return False
+    try:
+        info, _ = read_candidates(path)
+    except MaskDistillFileError as err:
+        log.warning("%s; predicting again", err)
+        return False
+    want = {"format": CANDIDATES_FORMAT, "complete": True, "checkpoint": str(checkpoint),
+            "step": cfg.train.num_steps, "num_images": read_manifest(cfg.data.root).split(split).num_samples,
+            **prediction_settings(cfg, split)}
+    stale = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+    if stale:
+        log.info("%s is out of date (%s); predicting again", path, ", ".join(f"{k}: {a!r} != {b!r}"
+                                                                          for k, (a, b) in stale.items()))
+    return not stale
+
+
+def detect_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
+    """Train the Mask R-CNN detector (or resume it) and predict candidates for every training image.
+
+    Args:
+        cfg: the MaskDistill run config (the detector's is derived with :func:`detector_config`).
+        accelerator: an ``accelerate.Accelerator`` to share; built and ended here when omitted.
+
+    Returns:
+        The candidates file, or None when training stopped early on a termination signal (re-run the
+        same command to resume).
+    """
+    from dist_seg.maskdistill.detect import predict_candidates
+    from dist_seg.maskdistill.files import candidates_path
+    from dist_seg.trainer import checkpoint_dir, make_accelerator, setup_logging, train
+
+    setup_logging()
+    det_cfg = detector_config(cfg)
+    split = det_cfg.maskdistill.detect.split or det_cfg.data.train_split
+    final = checkpoint_dir(det_cfg) / f"step-{det_cfg.train.num_steps:08d}.pt"
+    out = candidates_path(det_cfg, split)
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(det_cfg)
+    try:
+        # The trainer writes the final checkpoint atomically: its presence means training is done.
+        if D.broadcast_object(final.is_file()):
+            log.info("detector already trained (%s): skipping training", final)
+        else:
+            result = train(det_cfg, accelerator)
+            if result.get("stopped"):
+                return None
+        if D.broadcast_object(_candidates_are_current(out, final, det_cfg, split) if D.is_main_process() else None):
+            log.info("candidates %s are complete and match %s: skipping prediction", out, final)
+            return out
+        return predict_candidates(det_cfg, final, split, device=accelerator.device)
+    finally:
+        if own:
+            accelerator.end_training()
 
 
 # ================================================================================ MaskDistill: distil
@@ -285,25 +370,29 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _masks_ok(cfg: RunConfig, split: str, *, named: bool) -> bool:
-    """Whether ``masks_<split>.json`` covers every training record (and, if ``named``, carries clusters)."""
-    from dist_seg.maskdistill.files import MaskDistillFileError, masks_path, read_json
+def _on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process while the others wait; an error there is raised on every rank
+    (so no rank is left waiting at a barrier)."""
+    result, error = None, None
+    if D.is_main_process():
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    message = D.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"the main process failed: {message}")
+    return result
 
-    path = masks_path(cfg, split)
-    if not path.is_file():
-        return False
-    try:
-        doc = read_json(path, what="object masks", made_by="dist-seg masks RECIPE")
-    except MaskDistillFileError as err:
-        log.warning("%s; running the stage again", err)
-        return False
-    if len(doc.get("images", [])) != _num_train(cfg.data.root, split):
-        return False
-    return not named or all("cluster" in a for a in doc.get("annotations", []))
+
+TOY_OBJECTS = {"num_train": 128, "num_val": 32, "size": 96}
 
 
 def prepare_toy(cfg: RunConfig) -> None:
-    """``dist-seg prepare toy_objects`` with its defaults when a toy_objects recipe's data is missing."""
+    """When a toy_objects recipe's data is missing, generate it (:data:`TOY_OBJECTS`: 128 train / 32 val
+    scenes of 96 px, K = ``maskdistill.name.num_clusters`` or 3), as ``dist-seg prepare toy_objects`` would."""
     from dist_seg.data.manifest import manifest_path
 
     if cfg.data.dataset != "toy_objects" or manifest_path(cfg.data.root).is_file():
@@ -312,7 +401,7 @@ def prepare_toy(cfg: RunConfig) -> None:
         from dist_seg.data.toy_objects import generate_toy_objects
 
         log.info("no dataset at %s: generating toy_objects", cfg.data.root)
-        generate_toy_objects(cfg.data.root)
+        generate_toy_objects(cfg.data.root, num_classes=cfg.maskdistill.name.num_clusters or 3, **TOY_OBJECTS)
     D.barrier()
 
 
@@ -322,7 +411,7 @@ def maskdistill_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
     prepare (toy_objects only) → masks → name → detect → pseudo → distil (+ CRF rounds) → linear → eval.
     Returns the results file, or None when a training stage stopped early (re-run to resume).
     """
-    from dist_seg.maskdistill.pseudo import write_pseudo_shards
+    from dist_seg.maskdistill.pseudo import pseudo_up_to_date, write_pseudo_shards
     from dist_seg.trainer import make_accelerator, setup_logging
 
     setup_logging()
@@ -331,24 +420,20 @@ def maskdistill_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
     split = cfg.data.train_split
     try:
         prepare_toy(cfg)
-        if not D.broadcast_object(_masks_ok(cfg, split, named=False) if D.is_main_process() else None):
-            from dist_seg.maskdistill.mining import mine_masks
+        from dist_seg.maskdistill.mining import mine_masks
+        from dist_seg.maskdistill.naming import name_masks
 
-            mine_masks(cfg, split=split, accelerator=accelerator)
-        else:
-            log.info("masks of '%s' present: skipping `masks`", split)
-        if not D.broadcast_object(_masks_ok(cfg, split, named=True) if D.is_main_process() else None):
-            from dist_seg.maskdistill.naming import name_masks
-
-            if D.is_main_process():
-                name_masks(cfg, split=split)
-            D.barrier()
-        else:
-            log.info("masks of '%s' named: skipping `name`", split)
+        # Both keep a finished file made with the same configuration (and say so in the log).
+        if mine_masks(cfg, split=split, accelerator=accelerator) is None:
+            return None
+        _on_main(lambda: name_masks(cfg, split=split, accelerator=accelerator))
+        D.barrier()
         if detect_stage(cfg, accelerator=accelerator) is None:
             return None
-        if D.is_main_process():
-            write_pseudo_shards(cfg, split=split)  # keeps complete splits made from the same candidates
+        if D.broadcast_object(pseudo_up_to_date(cfg, split=split) if D.is_main_process() else None):
+            log.info("pseudo-label dataset is up to date: skipping `pseudo`")
+        else:
+            _on_main(lambda: write_pseudo_shards(cfg, split=split))
         D.barrier()
         student = distil_stage(cfg, accelerator=accelerator)
         if student is None:
@@ -365,7 +450,7 @@ def maskdistill_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
             accelerator.end_training()
 
 
-STAGES: dict[str, Callable[..., Optional[Path]]] = {"maskdistill": maskdistill_stage}
+STAGES: dict[str, Callable[..., Optional[Path]]] = {"detect": detect_stage, "maskdistill": maskdistill_stage}
 
 
 def run_maskdistill_recipe(config_fn: Callable[[], RunConfig], argv: Optional[list[str]] = None) -> int:
@@ -384,13 +469,15 @@ def run_maskdistill_recipe(config_fn: Callable[[], RunConfig], argv: Optional[li
 
 
 def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfig) -> int:
+    from dist_seg.backbones import BackboneWeightsError
     from dist_seg.data.manifest import DataError
     from dist_seg.maskdistill.files import MaskDistillFileError
     from dist_seg.trainer import TrainingError
 
     try:
         path = stage(cfg)
-    except (ConfigError, DataError, MaskDistillFileError, FileNotFoundError, TrainingError, ValueError) as err:
+    except (BackboneWeightsError, ConfigError, DataError, MaskDistillFileError, FileNotFoundError, TrainingError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if path is None:

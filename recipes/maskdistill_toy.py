@@ -1,6 +1,6 @@
 """MaskDistill end to end on the generated toy_objects scenes, in CPU minutes (SPEC §8 at tiny sizes).
 
-    dist-seg prepare toy_objects --out data/toy_objects     # or let the pipeline generate it
+    dist-seg prepare toy_objects --out data/toy_objects --num-train 128 --num-val 32   # or let the pipeline do it
     dist-seg maskdistill maskdistill_toy [key=value ...]
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/maskdistill_toy.py
 
@@ -28,13 +28,17 @@ def config() -> RunConfig:
                         num_workers=0, shuffle_buffer=64),
         backbone=BackboneConfig(name="toy"),
         maskdistill=MaskDistillConfig(
-            mine=MineConfig(backbone="toy", short_side=96),
+            mine=MineConfig(backbone="toy", heads=2, short_side=96),
             name=NameConfig(backbone="toy", num_clusters=3),
-            detect=DetectConfig(init="random", batch_size=4, num_steps=40),
+            detect=DetectConfig(init="random", batch_size=4, num_steps=60, base_lr=0.005, warmup_steps=10,
+                                min_sizes=[96], max_size=160, test_min_size=96, detections_per_img=20,
+                                rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=100,
+                                box_batch_size_per_image=64),
             distil=DistilConfig(student="deeplab", init="random", batch_size=8, epochs=2, lr_drop_after=1,
                                 size=64, linear_epochs=2, linear_drop_after=1, linear_batch_size=8),
         ),
-        train=TrainConfig(output_dir="runs/maskdistill_toy", checkpoint_every=20, val_every=0, log_every=5),
+        train=TrainConfig(output_dir="runs/maskdistill_toy", checkpoint_every=20, val_every=0, log_every=5,
+                          grad_clip=1.0),
         eval=EvalConfig(num_overlays=4),
     )
 

@@ -68,6 +68,9 @@ class DetectConfig:
         test_min_size: short side at prediction (the model's own test-time resize).
         score_thresh, nms_thresh, detections_per_img: box predictor settings at prediction.
         mask_thresh: predicted mask probabilities above this are foreground (at image size).
+        rpn_post_nms_top_n_train, rpn_post_nms_top_n_test: proposals kept per image after the RPN's NMS.
+        box_batch_size_per_image: ROIs sampled per image for the box and mask heads in training.
+            (These three are torchvision's defaults; tests and the toy recipe lower them to run in seconds.)
     """
 
     init: str = "ssl"
@@ -91,6 +94,9 @@ class DetectConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     mask_thresh: float = 0.5
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
 
 
 @dataclass(kw_only=True)
