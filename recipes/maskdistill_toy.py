@@ -30,7 +30,7 @@ def config() -> RunConfig:
         maskdistill=MaskDistillConfig(
             mine=MineConfig(backbone="toy", heads=2, short_side=96),
             name=NameConfig(backbone="toy", num_clusters=3),
-            detect=DetectConfig(init="random", batch_size=4, num_steps=60, base_lr=0.005, warmup_steps=10,
+            detect=DetectConfig(init="random", batch_size=4, num_steps=30, base_lr=0.005, warmup_steps=5,
                                 min_sizes=[96], max_size=160, test_min_size=96, detections_per_img=20,
                                 rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=100,
                                 box_batch_size_per_image=64),

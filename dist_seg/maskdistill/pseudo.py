@@ -176,6 +176,9 @@ def _sha256(path: Path) -> str:
 
 def _group_candidates(candidates: Any, path: Path, num_images: int, num_clusters: int) -> dict[int, list[dict]]:
     fix = "re-run `dist-seg detect RECIPE` for this dataset"
+    if isinstance(candidates, dict) and isinstance(candidates.get("candidates"), list):
+        # The detect stage's file ({"info", "candidates"}, dist_seg.maskdistill); a bare results list works too.
+        candidates = candidates["candidates"]
     if not isinstance(candidates, list):
         raise MaskDistillFileError(f"{path}: expected a JSON list of COCO results; {fix}")
     by_image: dict[int, list[dict]] = defaultdict(list)
