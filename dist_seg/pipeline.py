@@ -299,9 +299,12 @@ def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path]
     """Score the pipeline's products on SPEC §8.6's protocol and write ``<train.output_dir>/maskdistill_results.json``.
 
     Rows: the initial masks + K-means and the Mask R-CNN pseudo-labels on the training split (the only
-    images they exist for), and the student on the training and validation splits (clustering: Hungarian
-    over all K+1 classes incl. background; linear: the linear-protocol model, no matching).
+    images they exist for), an all-background prediction as the floor, and the student on the training
+    and validation splits (clustering: Hungarian over all K+1 classes incl. background; linear: the
+    linear-protocol model, no matching).
     """
+    import numpy as np
+
     from dist_seg.data.manifest import read_manifest
     from dist_seg.eval.maskdistill import score_label_maps, score_student
     from dist_seg.maskdistill.detect import read_candidates
@@ -329,6 +332,12 @@ def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path]
     scores = score_label_maps(lambda i, h, w: pseudo_label_map(by_image.get(i, []), h, w, threshold=tau)[0],
                               cfg.data.root, train_split, num_classes=k1, device=device)
     rows.append({"product": "Mask R-CNN pseudo-labels", "split": train_split, "cluster": scores, "linear": None})
+
+    # What predicting background everywhere scores: the floor the rows above must be read against.
+    for split in [train_split] + ([val_split] if val_split != train_split and val_split in manifest.splits else []):
+        scores = score_label_maps(lambda i, h, w: np.zeros((h, w), dtype=np.uint8), cfg.data.root, split,
+                                  num_classes=k1, device=device)
+        rows.append({"product": "reference: all background", "split": split, "cluster": scores, "linear": None})
 
     backbone = _backbone_for(cfg, device)
     model = load_student(student, device)

@@ -144,3 +144,41 @@ def test_distil_stage_resumes_after_kill_with_identical_weights(toy_objects, tmp
     b = torch.load(ckpts / "step-00000006.pt", weights_only=True)
     for key, value in a["method"].items():
         assert torch.equal(value, b["method"][key]), f"{key} differs after kill and resume"
+
+
+TINY_TOY = ["data.res=48", "data.eval_res=48", "data.batch_size=4", "maskdistill.mine.short_side=48",
+            "maskdistill.detect.num_steps=2", "maskdistill.detect.batch_size=2", "maskdistill.detect.min_sizes=[48]",
+            "maskdistill.detect.test_min_size=48", "maskdistill.detect.max_size=96",
+            "maskdistill.detect.detections_per_img=5", "maskdistill.distil.student=head",
+            "maskdistill.distil.epochs=1", "maskdistill.distil.linear_epochs=1", "maskdistill.distil.batch_size=4",
+            "maskdistill.distil.linear_batch_size=4", "tracking.enabled=false", "train.checkpoint_every=1"]
+
+
+@pytest.mark.slow
+def test_toy_recipe_runs_every_stage_from_the_cli(tmp_path, capsys):
+    """`dist-seg maskdistill maskdistill_toy` on 1 process: masks → name → detect → pseudo → distil → linear →
+    eval, the results table printed and saved; a second run skips every stage and reproduces the table."""
+    from dist_seg import cli
+    from dist_seg.data.toy_objects import generate_toy_objects
+    from dist_seg.pipeline import RESULTS_NAME
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    generate_toy_objects(root, num_classes=3, num_train=8, num_val=4, size=48, samples_per_shard=2)
+    args = ["maskdistill", "maskdistill_toy", f"data.root={root}", f"train.output_dir={out}", *TINY_TOY]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| initial masks + K-means | train |" in printed and "| student (head) | val |" in printed
+    import json
+
+    result = json.loads((out / RESULTS_NAME).read_text())
+    assert [r["product"] for r in result["rows"]] == ["initial masks + K-means", "Mask R-CNN pseudo-labels",
+                                                      "reference: all background", "reference: all background",
+                                                      "student (head)", "student (head)"]
+    assert result["num_classes"] == 4 and all(0 <= r["cluster_mIoU"] <= 100 for r in result["rows"])
+    assert result["rows"][-1]["linear_mIoU"] is not None
+    for stage in ("detect", "distil", "linear"):
+        assert (out / stage / "checkpoints" / "step-00000002.pt").is_file(), f"{stage} did not finish"
+    mtimes = {p: p.stat().st_mtime for p in out.rglob("step-*.pt")}
+    assert cli.main(args) == 0
+    assert {p: p.stat().st_mtime for p in out.rglob("step-*.pt")} == mtimes, "finished stages are skipped"
+    assert json.loads((out / RESULTS_NAME).read_text())["rows"] == result["rows"]
