@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -491,7 +492,7 @@ def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfi
         return 2
     if path is None:
         print(f"dist-seg {command}: stopped early; re-run the same command to resume", file=sys.stderr)
-    elif D.is_main_process():
+    elif D.is_main_process() and os.environ.get("RANK", "0") == "0":  # the process group may be gone by now
         print(f"dist-seg {command}: wrote {path}")
     return 0
 

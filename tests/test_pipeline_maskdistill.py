@@ -182,3 +182,27 @@ def test_toy_recipe_runs_every_stage_from_the_cli(tmp_path, capsys):
     assert cli.main(args) == 0
     assert {p: p.stat().st_mtime for p in out.rglob("step-*.pt")} == mtimes, "finished stages are skipped"
     assert json.loads((out / RESULTS_NAME).read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.slow
+def test_toy_recipe_runs_every_stage_on_two_cpu_ranks(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 recipes/maskdistill_toy.py` (gloo): every stage,
+    the training stages (detect, distil, linear) under DDP on both ranks, one results table."""
+    import json
+
+    from dist_seg.data.toy_objects import generate_toy_objects
+    from dist_seg.pipeline import RESULTS_NAME
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    generate_toy_objects(root, num_classes=3, num_train=8, num_val=4, size=48, samples_per_shard=2)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(REPO / "recipes" / "maskdistill_toy.py"), f"data.root={root}", f"train.output_dir={out}", *TINY_TOY]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("dist-seg maskdistill: wrote") == 1, "one process reports"
+    for stage in ("detect", "distil", "linear"):
+        state = torch.load(out / stage / "checkpoints" / "step-00000002.pt", map_location="cpu", weights_only=False)
+        assert state["meta"]["world_size"] == 2, f"{stage} did not train on 2 ranks"
+    assert len(json.loads((out / RESULTS_NAME).read_text())["rows"]) == 6
