@@ -371,20 +371,27 @@ def test_finished_file_is_kept_and_another_config_is_refused(mined, tmp_path):
         mine_masks(_cfg(root, work, heads=5), split="train")
 
 
-def _mine_on_rank(rank, world, root, work):
+def _mine_on_rank(rank, world, root, work, work_interrupted):
     from dist_seg.maskdistill.mining import mine_masks
 
     mine_masks(_cfg(Path(root), Path(work)), split="train")
+    assert mine_masks(_cfg(Path(root), Path(work_interrupted)), split="train", stop_after_chunks=1) is None
     return rank
 
 
 @pytest.mark.slow
 def test_two_ranks_write_the_same_file_as_one(mined, tmp_path):
+    from dist_seg.maskdistill.mining import mine_masks
     from tests.dist_utils import run_distributed
 
     root, _, data = mined
-    run_distributed(_mine_on_rank, 2, str(root), str(tmp_path / "work"))
+    run_distributed(_mine_on_rank, 2, str(root), str(tmp_path / "work"), str(tmp_path / "interrupted"))
     assert json.loads((tmp_path / "work" / "masks_train.json").read_text()) == data
+    # 3 chunks: the interrupted 2-rank run saved chunks 0 (rank 0) and 1 (rank 1); one process finishes it.
+    parts = sorted(p.name for p in (tmp_path / "interrupted" / ".masks_train.parts").iterdir())
+    assert parts == ["part-000000.json", "part-000001.json"]
+    path = mine_masks(_cfg(root, tmp_path / "interrupted"), split="train")
+    assert json.loads(path.read_text()) == data
 
 
 def test_masks_command_line(mined, tmp_path, capsys):
@@ -398,8 +405,8 @@ def test_masks_command_line(mined, tmp_path, capsys):
     assert "9 object masks for 9 images" in capsys.readouterr().out
     assert json.loads((tmp_path / "masks_train.json").read_text()) == data, "chunking does not change the file"
     assert main([*args, "maskdistill.mine.topk=0.3"]) == 2
-    err = capsys.readouterr().err
-    assert "another configuration" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another configuration" in errors[0] and "--overwrite" in errors[0]
     assert main(["masks", "stego_toy", f"data.root={tmp_path / 'nothing'}"]) == 2
     assert "dist-seg prepare" in capsys.readouterr().err
 

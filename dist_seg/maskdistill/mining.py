@@ -330,7 +330,7 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
     num_images = expected["num_images"]
     rank, world = D.get_rank(), D.get_world_size()
     records = IndexedShards(cfg.data.root, split, res=None, decode="image")
-    mine_chunks, new_chunks, started = [], 0, time.time()
+    mine_chunks, new_chunks, started, stopped = [], 0, time.time(), False
     try:
         for chunk, start in enumerate(range(0, num_images, mine.chunk_size)):
             if chunk % world != rank:
@@ -340,7 +340,8 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
             part = _load_part(part_path, fingerprint, start, stop)
             if part is None:
                 if stop_after_chunks is not None and new_chunks >= stop_after_chunks:
-                    return None
+                    stopped = True
+                    break
                 part = {"fingerprint": fingerprint, **_mine_chunk(backbone, records, start, stop, mine)}
                 write_json_atomic(part, part_path)
                 new_chunks += 1
@@ -349,6 +350,8 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
             mine_chunks.append(part)
     finally:
         records.close()
+    if any(D.all_gather_object(stopped)):  # every rank stops together, none waits in the gather below
+        return None
     gathered = [part for rank_parts in D.all_gather_object(mine_chunks) for part in rank_parts]
     if D.is_main_process():
         gathered.sort(key=lambda part: part["start"])
