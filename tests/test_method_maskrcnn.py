@@ -138,13 +138,18 @@ def _cfg(root: str, out: str):
 
 def _train_on_ranks(rank: int, world: int, root: str, out: str) -> dict:
     os.environ["ACCELERATE_USE_CPU"] = "1"
-    from dist_seg.trainer import Trainer
+    from dist_seg.maskdistill.detect import predict_candidates, read_candidates
+    from dist_seg.trainer import Trainer, list_checkpoints
 
-    trainer = Trainer(_cfg(root, out))
+    cfg = _cfg(root, out)
+    trainer = Trainer(cfg)
     trainer.fit()
     state = {k: v.detach().clone() for k, v in trainer.unwrapped.model.named_parameters() if v.requires_grad}
+    # Prediction shards the images over the ranks and merges their parts on rank 0.
+    checkpoint = list_checkpoints(cfg)[-1]
+    path = predict_candidates(merge(cfg, overrides=[f"maskdistill.work_dir={out}/work"]), checkpoint)
     trainer.accelerator.end_training()
-    return {"state": state if rank == 0 else None}
+    return {"state": state, "checkpoint": str(checkpoint), "candidates": read_candidates(path)} if rank == 0 else {}
 
 
 @pytest.mark.slow
@@ -153,10 +158,12 @@ def test_two_ranks_average_the_half_batch_gradients(detect_root, tmp_path):
     """The real trainer on 2 gloo ranks (1 image each) equals one process that runs each rank's half-batch with
     that rank's RNG and averages the gradients (what DDP promises); the stream split is tested above."""
     from dist_seg import distributed as D
+    from dist_seg.maskdistill.detect import predict_candidates, read_candidates
     from dist_seg.methods.base import Batch, StepContext
     from dist_seg.trainer import Trainer
 
-    got = run_distributed(_train_on_ranks, 2, str(detect_root), str(tmp_path / "ddp"))[0]["state"]
+    ranks = run_distributed(_train_on_ranks, 2, str(detect_root), str(tmp_path / "ddp"))[0]
+    got = ranks["state"]
 
     cfg = _cfg(str(detect_root), str(tmp_path / "replay"))
     trainer = Trainer(cfg)  # rank 0's initial weights: DDP broadcasts them to the other ranks
@@ -185,3 +192,19 @@ def test_two_ranks_average_the_half_batch_gradients(detect_root, tmp_path):
     assert any(not torch.equal(want[k], initial[k]) for k in want), "training must move the weights"
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+    # The same checkpoint predicted on 1 process gives the 2-rank candidates file.
+    single = predict_candidates(merge(cfg, overrides=[f"maskdistill.work_dir={tmp_path}/single"]),
+                                ranks["checkpoint"])
+    info, rows = read_candidates(single)
+    two_info, two_rows = ranks["candidates"]
+    assert (two_info["world_size"], info["world_size"]) == (2, 1) and two_info["num_images"] == info["num_images"] == 6
+    assert rows and [r["image_id"] for r in two_rows] == [r["image_id"] for r in rows], "every image, merged in order"
+    # Same weights, but the gloo ranks' CPU kernels round differently from this process (~1e-7 relative).
+    for image_id in range(6):
+        a = [r for r in two_rows if r["image_id"] == image_id]
+        b = [r for r in rows if r["image_id"] == image_id]
+        assert sorted(r["category_id"] for r in a) == sorted(r["category_id"] for r in b)
+        torch.testing.assert_close(torch.tensor([r["score"] for r in a]), torch.tensor([r["score"] for r in b]),
+                                   atol=1e-4, rtol=1e-4)
+    assert not list((tmp_path / "ddp" / "work").glob(".*part*")), "the rank parts are removed after the merge"
