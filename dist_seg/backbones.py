@@ -379,6 +379,56 @@ class Backbone(nn.Module):
         return self.patch_features(images)
 
     @torch.no_grad()
+    def cls_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLS token after the final LayerNorm (SPEC §8.2's crop descriptor).
+
+        Args:
+            images: as for :meth:`patch_features`.
+
+        Returns:
+            float32 ``[B, C]``.
+        """
+        x = self._prepare(images)
+        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
+            tokens = self.model.forward_features(x)
+        return tokens[:, 0].float()
+
+    @torch.no_grad()
+    def last_attention_qk(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys of the last block's self-attention, every head (SPEC §8.1).
+
+        They are read with a forward hook on the timm block's own ``attn.qkv`` projection, i.e. the linear
+        map of ``norm1(tokens)`` with its bias, before the ``d^-1/2`` scale (and before any q/k norm, which
+        DINO models do not have). Input preparation (normalisation, position-embedding interpolation) is
+        that of :meth:`patch_features`.
+
+        Args:
+            images: as for :meth:`patch_features`.
+
+        Returns:
+            ``(q, k)``, each float32 ``[B, L, T, d]`` with L heads, ``d = C / L`` and
+            ``T = num_prefix_tokens + N`` tokens in timm's order: CLS, then the register tokens (if any),
+            then the N patches in raster order.
+        """
+        x = self._prepare(images)
+        attn = self.model.blocks[-1].attn
+        captured: list[torch.Tensor] = []
+        handle = attn.qkv.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        try:
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
+                self.model.forward_features(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:  # pragma: no cover - a timm change that calls qkv differently
+            raise RuntimeError(f"the last block's qkv projection ran {len(captured)} times, expected once")
+        qkv = captured[0].float()
+        batch, tokens, _ = qkv.shape
+        qkv = qkv.reshape(batch, tokens, 3, int(attn.num_heads), int(attn.head_dim)).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1]
+
+    @torch.no_grad()
     def global_descriptor(self, images: torch.Tensor) -> torch.Tensor:
         """``norm(mean over h, w of the patch features)`` → ``[B, C]`` float32 (SPEC §1)."""
         return gap_descriptor(self.patch_features(images))

@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("dist_seg.tune", "hyperparameter sweep with Ray Tune from a YAML file"),
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
     "runs": ("dist_seg.tracking", "compare tracked MLflow runs"),
+    "masks": ("dist_seg.maskdistill.mining", "MaskDistill: mine one object mask per training image (SPEC 8.1)"),
+    "name": ("dist_seg.maskdistill.naming", "MaskDistill: cluster the mined masks into K pseudo-classes (SPEC 8.2)"),
+    "detect": ("dist_seg.pipeline", "MaskDistill: train Mask R-CNN on the named masks, predict candidates"),
+    "pseudo": ("dist_seg.maskdistill.pseudo", "MaskDistill: confident Mask R-CNN candidates -> pseudo-label shards"),
+    "maskdistill": ("dist_seg.pipeline", "MaskDistill: every stage of a recipe in order (masks ... distil, eval)"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
     "convert-checkpoint": ("dist_seg.checkpoints", "re-save a checkpoint so that it loads without running code"),
 }

@@ -202,6 +202,7 @@ _CHOICES = {
     ("maskdistill", "detect", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "student"): ("deeplab", "head"),
+    ("maskdistill", "distil", "sync_bn"): ("auto", "off"),
 }
 
 
@@ -228,6 +229,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.ds2dl.r <= 0:
         raise ConfigError(f"ds2dl.r must be positive (r = 1 is plain BCE), got {cfg.ds2dl.r}")
+    dc = cfg.maskdistill.distil
+    if not 0 < dc.top_fraction <= 1:
+        raise ConfigError(f"maskdistill.distil.top_fraction must be in (0, 1], got {dc.top_fraction}")
+    if dc.crf_rounds < 0 or dc.epochs < 1 or dc.linear_epochs < 1 or dc.size < 1:
+        raise ConfigError("maskdistill.distil.crf_rounds must be >= 0 and epochs, linear_epochs, size positive")
     if cfg.num_classes is not None and cfg.num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2, got {cfg.num_classes}")
 

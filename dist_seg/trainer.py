@@ -142,7 +142,7 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.train.seed + self.rank)
-        self.images_in = method_class(cfg.method).inputs == "images"
+        self.images_in = method_class(cfg.method).inputs_of(cfg) == "images"
         if self.images_in and cfg.train.mode == "cached":
             raise ConfigError(f"method {cfg.method!r} trains on images, not cached features: set train.mode=online")
         self.info = read_data_info(cfg)

@@ -274,3 +274,68 @@ def test_toy_backbone_separates_toy_classes_imperfectly(tmp_path):
     majority = np.bincount(y).max() / len(y)
     assert accuracy > majority + 0.2, f"k-means accuracy {accuracy:.3f} barely above chance ({majority:.3f})"
     assert accuracy < 0.9, f"k-means accuracy {accuracy:.3f}: the toy task should not be solved by raw features"
+
+
+# ------------------------------------------------------------------------ attention q/k, CLS (SPEC §8)
+def _tiny_registers_backbone() -> B.Backbone:
+    """A DINOv2-style ViT (4 register tokens, CLS position folded into cls_token, LayerScale), patch 14."""
+    torch.manual_seed(3)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=4, num_classes=0, reg_tokens=4,
+        no_embed_class=True, init_values=1e-1, dynamic_img_size=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model._pos_embed = B.types.MethodType(B._reference_pos_embed, model)
+    return B.Backbone(model, name="tiny_reg", weights_id="random")
+
+
+def _hand_qk(backbone: B.Backbone, images: torch.Tensor):
+    """The last block's qkv projection written out: tokens through all earlier blocks, norm1, W x + b."""
+    model = backbone.model
+    x = model.patch_embed(_normalised(images))
+    x = model.norm_pre(model._pos_embed(x))
+    for block in model.blocks[:-1]:
+        x = block(x)
+    last = model.blocks[-1]
+    qkv = F.linear(last.norm1(x), last.attn.qkv.weight, last.attn.qkv.bias)
+    heads = last.attn.num_heads
+    qkv = qkv.reshape(x.shape[0], x.shape[1], 3, heads, -1)
+    return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), model.norm(last(x))
+
+
+@pytest.mark.parametrize("which,height,width", [("toy", 48, 80), ("toy", 64, 64), ("registers", 42, 70)])
+def test_last_attention_qk_is_the_last_blocks_qkv_projection(which, height, width):
+    backbone = load_backbone("toy") if which == "toy" else _tiny_registers_backbone()
+    images = _images(2, height, width, seed=4)
+    q, k = backbone.last_attention_qk(images)
+    hand_q, hand_k, tokens = _hand_qk(backbone, images)
+    p = backbone.patch_size
+    heads = backbone.model.blocks[-1].attn.num_heads
+    expected_tokens = backbone.num_prefix_tokens + (height // p) * (width // p)
+    assert q.shape == k.shape == (2, heads, expected_tokens, backbone.embed_dim // heads)
+    assert torch.allclose(q, hand_q, atol=1e-5) and torch.allclose(k, hand_k, atol=1e-5)
+    assert not torch.allclose(q, k), "q and k must be different slices of the projection"
+    # The hook is gone afterwards and the CLS feature is the first token after the final LayerNorm.
+    assert not backbone.model.blocks[-1].attn.qkv._forward_hooks
+    assert torch.allclose(backbone.cls_features(images), tokens[:, 0], atol=1e-5)
+
+
+def test_last_attention_qk_uses_the_reference_position_interpolation():
+    backbone = load_backbone("toy")
+    images = _images(1, 48, 80, seed=5)
+    q, _ = backbone.last_attention_qk(images)
+    original = backbone.model._pos_embed
+    backbone.model._pos_embed = B.types.MethodType(timm.models.vision_transformer.VisionTransformer._pos_embed,
+                                                   backbone.model)
+    try:
+        q_timm, _ = backbone.last_attention_qk(images)
+    finally:
+        backbone.model._pos_embed = original
+    assert (q - q_timm).abs().max() > 1e-4, "timm's own resampling would give other queries on a 6x10 grid"
+
+
+def test_last_attention_qk_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        load_backbone("toy").last_attention_qk(torch.zeros(1, 3, 50, 64))

@@ -269,3 +269,18 @@ def dataset_classes(name: str) -> DatasetClasses:
         return DATASETS[name]
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+
+# ------------------------------------------------------------------------------------- PASCAL VOC
+VOC12_CLASS_NAMES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+VOC12 = DatasetClasses(
+    name="voc12",
+    class_names=VOC12_CLASS_NAMES,
+    colors=tuple(_bit_interleaved_palette(21)),  # the official VOC palette: index k has colour k
+)
+
+VOC12_LUT = _lut({k: k for k in range(21)})
+"""``VOC12_LUT[palette_index_png]``: ids 0..20 unchanged; 255 (void, object borders) and anything else -> 255."""

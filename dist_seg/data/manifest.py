@@ -149,7 +149,7 @@ def read_manifest(root: PathLike) -> DatasetManifest:
         raise ManifestNotFoundError(
             f"no dataset manifest at {path}. Prepare the dataset first, e.g. "
             f"`dist-seg prepare toy --out {root}` or `dist-seg prepare folder --images DIR --out {root}` "
-            "(see `dist-seg prepare --help` for cocostuff27, cityscapes27, potsdam3)."
+            "(see `dist-seg prepare --help` for cocostuff27, cityscapes27, potsdam3, voc12, coco20k, toy_objects)."
         )
     try:
         return DatasetManifest.from_json(path.read_text())

@@ -19,10 +19,14 @@ from dist_seg.data.manifest import DataError, DatasetManifest, read_manifest
 # dataset name -> (converter module, one-line help)
 CONVERTERS: dict[str, tuple[str, str]] = {
     "toy": ("dist_seg.data.toy", "procedural toy scenes with exact labels, generated from a seed"),
+    "toy_objects": ("dist_seg.data.toy_objects",
+                    "toy objects of K classes on stuff backgrounds, exact masks and instances (MaskDistill)"),
     "folder": ("dist_seg.data.folder", "a folder of images, with optional label PNGs matched by file stem"),
     "cocostuff27": ("dist_seg.data.cocostuff", "COCO-Stuff, 27 coarse classes, STEGO's curated image lists"),
     "cityscapes27": ("dist_seg.data.cityscapes", "Cityscapes gtFine, 27 classes (label id - 7)"),
     "potsdam3": ("dist_seg.data.potsdam", "ISPRS Potsdam (IIC tiles), 3 merged classes"),
+    "voc12": ("dist_seg.data.voc12", "PASCAL VOC 2012 (+ SBD for trainaug), 21 classes, 255 void"),
+    "coco20k": ("dist_seg.data.coco20k", "COCO20k: 19,817 train2014 images, 80 things + background, instances"),
 }
 
 

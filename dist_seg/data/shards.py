@@ -66,7 +66,7 @@ WIDS_KIND = "wids-shard-index-v1"
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_FORMATS = ("jpg", "png")
 JPEG_QUALITY = 95
-DECODE_MODES = ("image", "features")
+DECODE_MODES = ("image", "features", "full")
 
 
 # ----------------------------------------------------------------------------------------- samples
@@ -473,7 +473,10 @@ class RecordDecoder:
     """Turns a raw record (``{extension: bytes}``) into the tensors a batch row holds.
 
     ``decode="image"``: ``image`` uint8 ``[3, res, res]`` (minor side resized to ``res``, centre crop),
-    ``label`` int64 ``[res, res]`` (-1 = ignore; all -1 without labels), ``index`` int64.
+    ``label`` int64 ``[res, res]`` (-1 = ignore; all -1 without labels), ``index`` int64; with ``res=None``
+    the image and label keep their stored size ``[3, H, W]`` / ``[H, W]`` (rows then differ in size).
+    ``decode="full"``: like ``"image"`` but at the stored size (no resize or crop; ``res`` is ignored), for
+    stages that need whole images (MaskRCNN's detection data).
     ``decode="features"``: ``feat`` float32 ``[C, h, w]``, ``gap`` float32 ``[C]``, ``label`` int64 at
     its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``; validation
     caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop).
@@ -482,8 +485,8 @@ class RecordDecoder:
     def __init__(self, *, decode: str = "image", res: int | None = None) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        if decode == "image" and (res is None or res < 1):
-            raise ValueError("decode='image' needs a positive res")
+        if decode == "image" and res is not None and res < 1:
+            raise ValueError("decode='image' needs a positive res (or None for the full image)")
         self.mode = decode
         self.res = res
         self._decoder = wds.Decoder(
@@ -499,7 +502,7 @@ class RecordDecoder:
         sample = self._decoder(raw)
         label = sample.get("label.png")
         out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64)}
-        if self.mode == "image":
+        if self.mode in ("image", "full"):
             image = sample.get("jpg", sample.get("png"))
             if image is None:
                 raise DataError(f"record {raw.get('__key__')} has no jpg/png image")
@@ -507,6 +510,11 @@ class RecordDecoder:
                 raise DataError(f"record {raw.get('__key__')}: label {label.shape} != image {image.shape[:2]}")
             # PIL-backed arrays are read-only; torch wants writable memory.
             image = np.require(image, dtype=np.uint8, requirements=["C", "W"])
+            if self.res is None or self.mode == "full":
+                # The stored image as it is (offline stages: MaskDistill's mining, Mask R-CNN's detection data).
+                out["image"] = torch.from_numpy(image).permute(2, 0, 1)
+                out["label"] = T.label_to_tensor(label, image.shape[:2])
+                return out
             out["image"] = T.resize_center_crop_tensor(torch.from_numpy(image).permute(2, 0, 1), self.res)
             if label is None:
                 out["label"] = T.label_to_tensor(None, (self.res, self.res))
@@ -723,7 +731,7 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
         except ValueError:  # DataError, bad JSON, bad UTF-8
             return False
         raw["__meta__"] = meta
-        if self.decode == "image":
+        if self.decode in ("image", "full"):
             body = "jpg" in raw or "png" in raw
         else:
             body = "feat.npy" in raw and "gap.npy" in raw
@@ -1003,8 +1011,8 @@ class IndexedShards:
     Args:
         root: prepared dataset folder, or the path of a split's ``wids.json``.
         split: split name.
-        res: output side for ``decode="image"``.
-        decode: ``"image"`` or ``"features"``; rows look like :func:`make_loader`'s batch rows.
+        res: output side for ``decode="image"`` (None: the stored image at its own size).
+        decode: ``"image"``, ``"full"`` (stored size) or ``"features"``; rows look like :func:`make_loader`'s rows.
         lru_size: shards kept open at once.
     """
 

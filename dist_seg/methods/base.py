@@ -115,6 +115,11 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.has_labels = has_labels
 
+    @classmethod
+    def inputs_of(cls, cfg: RunConfig) -> str:
+        """``inputs`` of this method under ``cfg`` (a method whose variants differ overrides this)."""
+        return cls.inputs
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         """One optimiser with a parameter group per component (each group has a ``name`` key)."""
         raise NotImplementedError

@@ -1,0 +1,517 @@
+"""MaskDistill stages that train (SPEC §8): the top layer that may call the trainer.
+
+``dist-seg detect RECIPE [k=v ...]`` (:func:`detect_stage`) trains the Mask R-CNN detector as method
+``maskrcnn`` under :func:`dist_seg.trainer.train` in ``<train.output_dir>/detect`` and then predicts the
+candidates of every training image (``candidates_<split>.json``). Re-running the command resumes training
+from the newest checkpoint, and skips prediction when the candidates file is complete and was made from
+the final checkpoint with the same settings.
+
+``dist-seg maskdistill RECIPE [k=v ...]`` (:func:`maskdistill_stage`) runs every stage of a recipe in
+order, skipping those whose outputs are present and valid: prepare (toy_objects only) → masks → name →
+detect → pseudo → distil (the student, plus optional CRF rounds; :func:`distil_stage`) → linear protocol
+(:func:`linear_stage`) → eval (:func:`eval_stage`, SPEC §8.6).
+
+Every command here shares one parser (recipe, ``--config``, overrides); :data:`STAGES` maps the command
+name to its stage function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+from dist_seg import distributed as D
+from dist_seg.config import ConfigError, RunConfig
+
+log = logging.getLogger("dist_seg.pipeline")
+
+
+DETECT_DIR = "detect"
+
+
+def detector_config(cfg: RunConfig) -> RunConfig:
+    """The detector's run config: method ``maskrcnn`` in ``<train.output_dir>/detect`` with DetectConfig's
+    global batch and number of steps; everything else (seed, checkpointing, tracking) from ``cfg``."""
+    d = cfg.maskdistill.detect
+    run_name = f"{cfg.tracking.run_name}-detect" if cfg.tracking.run_name else "detect"
+    return dataclasses.replace(
+        cfg, method="maskrcnn",
+        data=dataclasses.replace(cfg.data, batch_size=d.batch_size),
+        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / DETECT_DIR),
+                                  num_steps=d.num_steps, mode="online"),
+        tracking=dataclasses.replace(cfg.tracking, run_name=run_name),
+    )
+
+
+def _candidates_are_current(path: Path, checkpoint: Path, cfg: RunConfig, split: str) -> bool:
+    """Whether ``path`` is a complete candidates file of ``checkpoint`` with this run's prediction settings."""
+    from dist_seg.data.manifest import read_manifest
+    from dist_seg.maskdistill.detect import CANDIDATES_FORMAT, prediction_settings, read_candidates
+    from dist_seg.maskdistill.files import MaskDistillFileError
+
+    if not path.is_file():
+        return False
+    try:
+        info, _ = read_candidates(path)
+    except MaskDistillFileError as err:
+        log.warning("%s; predicting again", err)
+        return False
+    want = {"format": CANDIDATES_FORMAT, "complete": True, "checkpoint": str(checkpoint),
+            "step": cfg.train.num_steps, "num_images": read_manifest(cfg.data.root).split(split).num_samples,
+            **prediction_settings(cfg, split)}
+    stale = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+    if stale:
+        log.info("%s is out of date (%s); predicting again", path, ", ".join(f"{k}: {a!r} != {b!r}"
+                                                                          for k, (a, b) in stale.items()))
+    return not stale
+
+
+def detect_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
+    """Train the Mask R-CNN detector (or resume it) and predict candidates for every training image.
+
+    Args:
+        cfg: the MaskDistill run config (the detector's is derived with :func:`detector_config`).
+        accelerator: an ``accelerate.Accelerator`` to share; built and ended here when omitted.
+
+    Returns:
+        The candidates file, or None when training stopped early on a termination signal (re-run the
+        same command to resume).
+    """
+    from dist_seg.maskdistill.detect import predict_candidates
+    from dist_seg.maskdistill.files import candidates_path
+    from dist_seg.trainer import checkpoint_dir, make_accelerator, setup_logging, train
+
+    setup_logging()
+    det_cfg = detector_config(cfg)
+    split = det_cfg.maskdistill.detect.split or det_cfg.data.train_split
+    final = checkpoint_dir(det_cfg) / f"step-{det_cfg.train.num_steps:08d}.pt"
+    out = candidates_path(det_cfg, split)
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(det_cfg)
+    try:
+        # The trainer writes the final checkpoint atomically: its presence means training is done.
+        if D.broadcast_object(final.is_file()):
+            log.info("detector already trained (%s): skipping training", final)
+        else:
+            result = train(det_cfg, accelerator)
+            if result.get("stopped"):
+                return None
+        if D.broadcast_object(_candidates_are_current(out, final, det_cfg, split) if D.is_main_process() else None):
+            log.info("candidates %s are complete and match %s: skipping prediction", out, final)
+            return out
+        return predict_candidates(det_cfg, final, split, device=accelerator.device)
+    finally:
+        if own:
+            accelerator.end_training()
+
+
+# ================================================================================ MaskDistill: distil
+DISTIL_DIR = "distil"
+LINEAR_DIR = "linear"
+RESULTS_NAME = "maskdistill_results.json"
+
+
+def _num_train(root: str | Path, split: str) -> int:
+    from dist_seg.data.manifest import read_manifest
+
+    return int(read_manifest(root).split(split).num_samples)
+
+
+def distil_config(cfg: RunConfig, *, data_root: str | Path, round_index: int = 0) -> RunConfig:
+    """The student's run config (SPEC §8.5): method ``maskdistill`` on the pseudo-label dataset ``data_root``.
+
+    ``maskdistill.distil.epochs`` become ``epochs · ceil(N / batch_size)`` steps for the N training images;
+    the run lives in ``<train.output_dir>/distil`` (CRF round r: ``distil-crf<r>``). Validation uses the
+    ground-truth split the pseudo-label dataset carries (``extra["pseudo"]["val_split"]``).
+    """
+    from dist_seg.data.manifest import read_manifest
+
+    dc = cfg.maskdistill.distil
+    manifest = read_manifest(data_root)
+    val_split = (manifest.extra.get("pseudo") or {}).get("val_split") or cfg.data.val_split
+    steps_per_epoch = math.ceil(_num_train(data_root, cfg.data.train_split) / dc.batch_size)
+    name = DISTIL_DIR if round_index == 0 else f"{DISTIL_DIR}-crf{round_index}"
+    run_name = f"{cfg.tracking.run_name}-{name}" if cfg.tracking.run_name else name
+    return dataclasses.replace(
+        cfg, method="maskdistill", num_classes=None,
+        data=dataclasses.replace(cfg.data, root=str(data_root), batch_size=dc.batch_size, val_split=val_split,
+                                 feature_cache=None, knn_table=None),
+        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / name),
+                                  num_steps=dc.epochs * steps_per_epoch),
+        maskdistill=dataclasses.replace(cfg.maskdistill, distil=dataclasses.replace(
+            dc, steps_per_epoch=steps_per_epoch, linear_from=None)),
+        tracking=dataclasses.replace(cfg.tracking, run_name=run_name),
+    )
+
+
+def linear_config(cfg: RunConfig, student_checkpoint: str | Path) -> RunConfig:
+    """The linear protocol's run config (SPEC §8.6): the student's last 1×1 conv re-trained on the source
+    dataset's ground-truth training labels, ``linear_epochs`` at a global batch of ``linear_batch_size``."""
+    dc = cfg.maskdistill.distil
+    steps_per_epoch = math.ceil(_num_train(cfg.data.root, cfg.data.train_split) / dc.linear_batch_size)
+    run_name = f"{cfg.tracking.run_name}-{LINEAR_DIR}" if cfg.tracking.run_name else LINEAR_DIR
+    return dataclasses.replace(
+        cfg, method="maskdistill", num_classes=None,
+        data=dataclasses.replace(cfg.data, batch_size=dc.linear_batch_size, feature_cache=None, knn_table=None),
+        train=dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / LINEAR_DIR),
+                                  num_steps=dc.linear_epochs * steps_per_epoch),
+        maskdistill=dataclasses.replace(cfg.maskdistill, distil=dataclasses.replace(
+            dc, steps_per_epoch=steps_per_epoch, linear_from=str(student_checkpoint))),
+        tracking=dataclasses.replace(cfg.tracking, run_name=run_name),
+    )
+
+
+def _final_checkpoint(run_cfg: RunConfig) -> Path:
+    from dist_seg.trainer import checkpoint_dir
+
+    return checkpoint_dir(run_cfg) / f"step-{run_cfg.train.num_steps:08d}.pt"
+
+
+def _train_once(run_cfg: RunConfig, accelerator, what: str) -> Optional[Path]:
+    """Train ``run_cfg`` unless its final checkpoint exists; the final checkpoint, or None if stopped early."""
+    from dist_seg.trainer import train
+
+    final = _final_checkpoint(run_cfg)
+    # The trainer writes the final checkpoint atomically: its presence means training is done.
+    if D.broadcast_object(final.is_file()):
+        log.info("%s already trained (%s): skipping", what, final)
+        return final
+    result = train(run_cfg, accelerator)
+    return None if result.get("stopped") else final
+
+
+def load_student(checkpoint: str | Path, device) -> Any:
+    """The trained student (or linear-protocol model) of a checkpoint, in eval mode on ``device``."""
+    from dist_seg.trainer import load_method_checkpoint
+
+    method, _, _ = load_method_checkpoint(checkpoint, device=device)
+    return method
+
+
+def crf_relabel(cfg: RunConfig, checkpoint: str | Path, *, source: str | Path, out_root: str | Path,
+                device="cpu", backbone=None) -> Path:
+    """One CRF round's labels (SPEC §8.5): the trained student's CRF-refined argmax on every training image.
+
+    The training split of ``source`` (a pseudo-label dataset) is rewritten into ``out_root`` with the new
+    labels in the label slot (images and record metadata unchanged); its ground-truth validation split is
+    copied beside it. Runs on the main process (other ranks wait); a complete output is kept.
+    """
+    import webdataset as wds
+
+    from dist_seg.data.manifest import read_manifest, update_split
+    from dist_seg.data.shards import encode_label, resolve_shards, split_is_complete, write_records
+    from dist_seg.eval.maskdistill import full_resolution_records, predict_student
+
+    out_root = Path(out_root)
+    manifest = read_manifest(source)
+    splits = [cfg.data.train_split] + [s for s in manifest.splits if s != cfg.data.train_split]
+    if D.is_main_process() and not all(split_is_complete(out_root, s) for s in splits):
+        method = load_student(checkpoint, device)
+        preds = {rec["index"]: predict_student(method, rec["image"], backbone=backbone, eval_res=cfg.data.eval_res,
+                                               crf=True, device=device)
+                 for rec in full_resolution_records(source, cfg.data.train_split, per_rank=False)}
+        per_shard = max(1, max(resolve_shards(source, cfg.data.train_split).nsamples or [16]))
+        for split in splits:
+            def records(split=split):
+                urls = resolve_shards(source, split).urls
+                for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                          empty_check=False):
+                    rec = {k: v for k, v in raw.items() if not k.startswith("__")}
+                    rec["json"] = json.loads(rec["json"])
+                    if split == cfg.data.train_split:
+                        rec["label.png"] = encode_label(preds[int(rec["json"]["index"])].astype("uint8"))
+                    yield rec
+
+            info = write_records(records(), out_root, split, samples_per_shard=per_shard, overwrite=True)
+            extra = dict(manifest.extra)
+            extra["crf_relabel"] = {"checkpoint": str(checkpoint), "source": str(source)}
+            update_split(out_root, split, info, name=f"{manifest.name}_crf", num_classes=manifest.num_classes,
+                         class_names=manifest.class_names, colors=manifest.colors, extra=extra)
+    D.barrier()
+    return out_root
+
+
+def distil_stage(cfg: RunConfig, *, accelerator=None, data_root: Optional[str | Path] = None) -> Optional[Path]:
+    """Train the student on the pseudo-labels, then the optional CRF rounds (SPEC §8.5).
+
+    Each CRF round relabels the training set with the previous model's CRF-refined predictions and
+    retrains from the initial weights (same init and seed) in ``distil-crf<r>``.
+
+    Returns:
+        The final student checkpoint (of the last round), or None when training stopped early.
+    """
+    from dist_seg.maskdistill.files import work_dir
+    from dist_seg.maskdistill.pseudo import pseudo_root
+    from dist_seg.trainer import make_accelerator, setup_logging
+
+    setup_logging()
+    root = Path(data_root) if data_root is not None else pseudo_root(cfg)
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(cfg)
+    try:
+        ckpt = _train_once(distil_config(cfg, data_root=root), accelerator, "student")
+        for r in range(1, cfg.maskdistill.distil.crf_rounds + 1):
+            if ckpt is None:
+                return None
+            backbone = _backbone_for(cfg, accelerator.device)
+            root = crf_relabel(cfg, ckpt, source=root, out_root=work_dir(cfg) / f"pseudo_crf{r}",
+                               device=accelerator.device, backbone=backbone)
+            ckpt = _train_once(distil_config(cfg, data_root=root, round_index=r), accelerator, f"CRF round {r}")
+        return ckpt
+    finally:
+        if own:
+            accelerator.end_training()
+
+
+def linear_stage(cfg: RunConfig, student_checkpoint: str | Path, *, accelerator=None) -> Optional[Path]:
+    """The linear protocol (SPEC §8.6) on the student checkpoint; its final checkpoint (None if stopped)."""
+    from dist_seg.trainer import make_accelerator
+
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(cfg)
+    try:
+        return _train_once(linear_config(cfg, student_checkpoint), accelerator, "linear protocol")
+    finally:
+        if own:
+            accelerator.end_training()
+
+
+def _backbone_for(cfg: RunConfig, device):
+    if cfg.maskdistill.distil.student != "head":
+        return None
+    from dist_seg.backbones import load_backbone
+
+    return load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download).to(device)
+
+
+def _round(x: Optional[float]) -> Optional[float]:
+    return None if x is None or x != x else round(float(x), 2)
+
+
+def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path], *, device="cpu") -> dict:
+    """Score the pipeline's products on SPEC §8.6's protocol and write ``<train.output_dir>/maskdistill_results.json``.
+
+    Rows: the initial masks + K-means and the Mask R-CNN pseudo-labels on the training split (the only
+    images they exist for), an all-background prediction as the floor, and the student on the training
+    and validation splits (clustering: Hungarian over all K+1 classes incl. background; linear: the
+    linear-protocol model, no matching).
+    """
+    import numpy as np
+
+    from dist_seg.data.manifest import read_manifest
+    from dist_seg.eval.maskdistill import score_label_maps, score_student
+    from dist_seg.maskdistill.detect import read_candidates
+    from dist_seg.maskdistill.files import candidates_path, masks_path, read_json
+    from dist_seg.maskdistill.pseudo import masks_label_map, pseudo_label_map
+
+    manifest = read_manifest(cfg.data.root)
+    k1 = int(manifest.num_classes)
+    train_split, val_split = cfg.data.train_split, cfg.data.val_split
+    rows: list[dict[str, Any]] = []
+
+    masks = read_json(masks_path(cfg, train_split), what="named object masks", made_by="dist-seg name RECIPE")
+    by_image: dict[int, list] = {}
+    for ann in masks.get("annotations", []):
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    scores = score_label_maps(lambda i, h, w: masks_label_map(by_image.get(i, []), h, w), cfg.data.root,
+                              train_split, num_classes=k1, device=device)
+    rows.append({"product": "initial masks + K-means", "split": train_split, "cluster": scores, "linear": None})
+
+    _, dets = read_candidates(candidates_path(cfg, train_split))
+    by_image = {}
+    for det in dets:
+        by_image.setdefault(int(det["image_id"]), []).append(det)
+    tau = cfg.maskdistill.pseudo.threshold
+    scores = score_label_maps(lambda i, h, w: pseudo_label_map(by_image.get(i, []), h, w, threshold=tau)[0],
+                              cfg.data.root, train_split, num_classes=k1, device=device)
+    rows.append({"product": "Mask R-CNN pseudo-labels", "split": train_split, "cluster": scores, "linear": None})
+
+    # What predicting background everywhere scores: the floor the rows above must be read against.
+    for split in [train_split] + ([val_split] if val_split != train_split and val_split in manifest.splits else []):
+        scores = score_label_maps(lambda i, h, w: np.zeros((h, w), dtype=np.uint8), cfg.data.root, split,
+                                  num_classes=k1, device=device)
+        rows.append({"product": "reference: all background", "split": split, "cluster": scores, "linear": None})
+
+    backbone = _backbone_for(cfg, device)
+    model = load_student(student, device)
+    lin = load_student(linear, device) if linear is not None else None
+    name = f"student ({cfg.maskdistill.distil.student})"
+    splits = [train_split] + ([val_split] if val_split != train_split and val_split in manifest.splits else [])
+    for split in splits:
+        res = score_student(model, cfg.data.root, split, backbone=backbone, eval_res=cfg.data.eval_res, device=device)
+        lin_res = (score_student(lin, cfg.data.root, split, backbone=backbone, eval_res=cfg.data.eval_res,
+                                 device=device)["linear"] if lin is not None else None)
+        rows.append({"product": name, "split": split, "cluster": res["cluster"], "linear": lin_res})
+    result = {
+        "dataset": cfg.data.root, "num_classes": k1, "student": cfg.maskdistill.distil.student,
+        "student_checkpoint": str(student), "linear_checkpoint": str(linear) if linear else None,
+        "rows": [{"product": r["product"], "split": r["split"],
+                  "cluster_mIoU": _round(r["cluster"]["mIoU"]), "cluster_Acc": _round(r["cluster"]["Acc"]),
+                  "linear_mIoU": _round(r["linear"]["mIoU"]) if r["linear"] else None,
+                  "linear_Acc": _round(r["linear"]["Acc"]) if r["linear"] else None} for r in rows],
+    }
+    if D.is_main_process():
+        from dist_seg.maskdistill.files import write_json_atomic
+
+        write_json_atomic(result, Path(cfg.train.output_dir) / RESULTS_NAME)
+    return result
+
+
+def format_results(result: dict) -> str:
+    """The results table (markdown): product, split, clustering and linear mIoU / Acc."""
+    def cell(x):
+        return "—" if x is None else f"{x:.1f}"
+
+    lines = [f"MaskDistill on {result['dataset']} ({result['num_classes']} classes incl. background; clustering = "
+             f"Hungarian over all {result['num_classes']} classes)", "",
+             "| product | split | cluster mIoU | cluster Acc | linear mIoU | linear Acc |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['product']} | {r['split']} | {cell(r['cluster_mIoU'])} | {cell(r['cluster_Acc'])} | "
+                     f"{cell(r['linear_mIoU'])} | {cell(r['linear_Acc'])} |")
+    return "\n".join(lines)
+
+
+def _on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process while the others wait; an error there is raised on every rank
+    (so no rank is left waiting at a barrier)."""
+    result, error = None, None
+    if D.is_main_process():
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    message = D.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"the main process failed: {message}")
+    return result
+
+
+TOY_OBJECTS = {"num_train": 128, "num_val": 32, "size": 96}
+
+
+def prepare_toy(cfg: RunConfig) -> None:
+    """When a toy_objects recipe's data is missing, generate it (:data:`TOY_OBJECTS`: 128 train / 32 val
+    scenes of 96 px, K = ``maskdistill.name.num_clusters`` or 3), as ``dist-seg prepare toy_objects`` would."""
+    from dist_seg.data.manifest import manifest_path
+
+    if cfg.data.dataset != "toy_objects" or manifest_path(cfg.data.root).is_file():
+        return
+    if D.is_main_process():
+        from dist_seg.data.toy_objects import generate_toy_objects
+
+        log.info("no dataset at %s: generating toy_objects", cfg.data.root)
+        generate_toy_objects(cfg.data.root, num_classes=cfg.maskdistill.name.num_clusters or 3, **TOY_OBJECTS)
+    D.barrier()
+
+
+def maskdistill_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
+    """Every MaskDistill stage of a recipe in order, skipping those whose outputs are present and valid.
+
+    prepare (toy_objects only) → masks → name → detect → pseudo → distil (+ CRF rounds) → linear → eval.
+    Returns the results file, or None when a training stage stopped early (re-run to resume).
+    """
+    from dist_seg.maskdistill.pseudo import pseudo_up_to_date, write_pseudo_shards
+    from dist_seg.trainer import make_accelerator, setup_logging
+
+    setup_logging()
+    own = accelerator is None
+    accelerator = accelerator or make_accelerator(cfg)
+    split = cfg.data.train_split
+    try:
+        prepare_toy(cfg)
+        from dist_seg.maskdistill.mining import mine_masks
+        from dist_seg.maskdistill.naming import name_masks
+
+        # Both keep a finished file made with the same configuration (and say so in the log).
+        if mine_masks(cfg, split=split, accelerator=accelerator) is None:
+            return None
+        _on_main(lambda: name_masks(cfg, split=split, accelerator=accelerator))
+        D.barrier()
+        if detect_stage(cfg, accelerator=accelerator) is None:
+            return None
+        if D.broadcast_object(pseudo_up_to_date(cfg, split=split) if D.is_main_process() else None):
+            log.info("pseudo-label dataset is up to date: skipping `pseudo`")
+        else:
+            _on_main(lambda: write_pseudo_shards(cfg, split=split))
+        D.barrier()
+        student = distil_stage(cfg, accelerator=accelerator)
+        if student is None:
+            return None
+        linear = linear_stage(cfg, student, accelerator=accelerator)
+        if linear is None:
+            return None
+        result = eval_stage(cfg, student, linear, device=accelerator.device)
+        if D.is_main_process():
+            print(format_results(result))
+        return Path(cfg.train.output_dir) / RESULTS_NAME
+    finally:
+        if own:
+            accelerator.end_training()
+
+
+STAGES: dict[str, Callable[..., Optional[Path]]] = {"detect": detect_stage, "maskdistill": maskdistill_stage}
+
+
+def run_maskdistill_recipe(config_fn: Callable[[], RunConfig], argv: Optional[list[str]] = None) -> int:
+    """Entry point of the MaskDistill recipe files: ``accelerate launch recipes/maskdistill_X.py [k=v ...]``
+    runs every stage (:func:`maskdistill_stage`) on the launched processes."""
+    from dist_seg.trainer import resolve_config, setup_logging
+
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = resolve_config(config_fn(), argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _run_stage(maskdistill_stage, "maskdistill", cfg)
+
+
+def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfig) -> int:
+    from dist_seg.backbones import BackboneWeightsError
+    from dist_seg.data.manifest import DataError
+    from dist_seg.maskdistill.files import MaskDistillFileError
+    from dist_seg.trainer import TrainingError
+
+    try:
+        path = stage(cfg)
+    except (BackboneWeightsError, ConfigError, DataError, MaskDistillFileError, FileNotFoundError, TrainingError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if path is None:
+        print(f"dist-seg {command}: stopped early; re-run the same command to resume", file=sys.stderr)
+    elif D.is_main_process() and os.environ.get("RANK", "0") == "0":  # the process group may be gone by now
+        print(f"dist-seg {command}: wrote {path}")
+    return 0
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe file or name, e.g. recipes/maskdistill_toy.py or maskdistill_toy")
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the recipe")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the stage named by ``args.command`` on the recipe with its overrides."""
+    from dist_seg.trainer import load_recipe, resolve_config, setup_logging
+
+    setup_logging()
+    try:
+        argv = [x for f in args.config for x in ("--config", f)] + list(args.overrides)
+        cfg = resolve_config(load_recipe(args.recipe)(), argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _run_stage(STAGES[args.command], args.command, cfg)
