@@ -3,6 +3,7 @@ skip what is done; a one-line error without weights."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -72,7 +73,9 @@ def test_detect_without_weights_is_a_one_line_error(detect_root, tmp_path, capsy
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, capfd):
+def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, caplog):
+    # Log records, not stderr: an earlier test in the same process may own dist_seg's stderr handler.
+    caplog.set_level(logging.INFO, logger="dist_seg")
     ref = tmp_path / "ref"
     assert cli.main(_args(detect_root, ref)) == 0
     candidates = ref / "work" / "candidates_train.json"
@@ -93,13 +96,12 @@ def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, cap
     assert set(per_image) <= set(range(6)) and 5 in per_image, "every image is predicted, the unmasked one too"
     for scores in per_image.values():
         assert scores == sorted(scores, reverse=True) and len(scores) <= 10
-    capfd.readouterr()
+    caplog.clear()
 
     # Re-running the finished stage trains nothing and predicts nothing.
     mtime = candidates.stat().st_mtime_ns
     assert cli.main(_args(detect_root, ref)) == 0
-    err = capfd.readouterr().err
-    assert "skipping training" in err and "skipping prediction" in err, err[-2000:]
+    assert "skipping training" in caplog.text and "skipping prediction" in caplog.text, caplog.text[-2000:]
     assert candidates.stat().st_mtime_ns == mtime
 
     # Killed after its step-2 checkpoint, then re-run: same final weights and candidates as uninterrupted.
@@ -111,9 +113,9 @@ def test_detect_cli_trains_predicts_resumes_and_skips(detect_root, tmp_path, cap
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (killed / "out" / "detect" / "checkpoints" / f"step-{STEPS:08d}.pt").exists(), "killed too late"
-    capfd.readouterr()
+    caplog.clear()
     assert cli.main(_args(detect_root, killed)) == 0
-    assert "resumed from" in capfd.readouterr().err
+    assert "resumed from" in caplog.text
     a, b = _final(ref), _final(killed)
     assert sorted(a["method"]) == sorted(b["method"])
     for key, value in a["method"].items():
