@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dist_seg.data.prepare", "write image shards for a dataset (toy, folder, cocostuff27, ...)"),
     "extract": ("dist_seg.features", "run the frozen backbone once and write feature shards"),
     "knn": ("dist_seg.knn_table", "mine the exact k-nearest-neighbour table of the training crops"),
-    "train": ("dist_seg.trainer", "train a method (STEGO, DS2DL) from a recipe"),
+    "train": ("dist_seg.trainer", "train a method (STEGO, DS2DL, a MaskDistill student) from a recipe"),
     "eval": ("dist_seg.eval_command", "evaluate a checkpoint or a baseline on the validation split"),
     "sweep": ("dist_seg.tune", "hyperparameter sweep with Ray Tune from a YAML file"),
     "predict": ("dist_seg.predict", "segment a folder of images with a trained checkpoint"),
@@ -51,7 +51,8 @@ def _load(module_name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-seg",
-        description="Distributed unsupervised semantic segmentation (STEGO, DS2DL) on frozen ViT features.",
+        description="Distributed unsupervised semantic segmentation (STEGO, DS2DL, MaskDistill) on frozen ViT "
+                    "features.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
