@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dist_seg import distributed as D
 from dist_seg.knn import BACKENDS, distributed_knn
+from dist_seg.runtime import add_recipe_arguments
 
 __all__ = [
     "DEFAULT_K",
@@ -349,7 +350,7 @@ def _build_and_save(cfg, path: Path, **kwargs) -> tuple[torch.Tensor, torch.Tens
 
 # ------------------------------------------------------------------------------------------------ cli
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file or name (dataset, backbone, resolution), e.g. stego_toy")
+    add_recipe_arguments(parser, overrides_help="config overrides (e.g. backbone.weights=PATH data.root=DIR)")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours stored per sample (default {DEFAULT_K})")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="exact search backend (default auto)")
     parser.add_argument("--chunk-size", type=int, default=None, help="queries per block of the torch backend")
@@ -358,10 +359,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", action="store_true",
                         help="read descriptors from the feature cache (data.feature_cache, else the default "
                              "cache folder) instead of running the backbone on the images")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
-                        help="YAML config merged onto the recipe before the overrides (repeatable)")
-    parser.add_argument("overrides", nargs="*",
-                        help="config overrides key.sub=value (e.g. backbone.weights=PATH data.root=DIR)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -369,12 +366,11 @@ def run(args: argparse.Namespace) -> int:
     from dist_seg.backbones import BackboneWeightsError
     from dist_seg.config import ConfigError
     from dist_seg.data.manifest import DataError
-    from dist_seg.runtime import default_cache_dir, load_recipe, make_accelerator, resolve_config, setup_logging
+    from dist_seg.runtime import config_from_args, default_cache_dir, make_accelerator, setup_logging
 
     setup_logging()
     try:
-        yaml_args = [item for path in args.config for item in ("--config", path)]
-        cfg = resolve_config(load_recipe(args.recipe)(), [*yaml_args, *args.overrides])
+        cfg = config_from_args(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -498,19 +498,18 @@ def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfi
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file or name, e.g. recipes/maskdistill_toy.py or maskdistill_toy")
-    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the recipe")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    from dist_seg.runtime import add_recipe_arguments
+
+    add_recipe_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the stage named by ``args.command`` on the recipe with its overrides."""
-    from dist_seg.trainer import load_recipe, resolve_config, setup_logging
+    from dist_seg.runtime import config_from_args, setup_logging
 
     setup_logging()
     try:
-        argv = [x for f in args.config for x in ("--config", f)] + list(args.overrides)
-        cfg = resolve_config(load_recipe(args.recipe)(), argv)
+        cfg = config_from_args(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

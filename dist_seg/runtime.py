@@ -106,3 +106,25 @@ def resolve_config(base: RunConfig, argv: Sequence[str]) -> RunConfig:
         else:
             overrides.append(item[2:] if item.startswith("--") else item)
     return merge(base, yaml_files=yaml_files, overrides=overrides)
+
+
+def add_recipe_arguments(parser, *, overrides_help: str = "config overrides key.sub=value") -> None:
+    """``RECIPE``, ``--config FILE.yaml`` (repeatable) and trailing ``key=value`` overrides.
+
+    The arguments of every recipe-driven command (``train``, ``extract``, ``knn``, the MaskDistill stages);
+    :func:`config_from_args` turns them into the run config.
+    """
+    parser.add_argument("recipe", help="recipe file or name, e.g. recipes/stego_toy.py or stego_toy")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="YAML config merged onto the recipe before the overrides (repeatable)")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+
+
+def recipe_argv(args) -> list[str]:
+    """``--config`` files and overrides of :func:`add_recipe_arguments` as one argv for :func:`resolve_config`."""
+    return [item for path in args.config for item in ("--config", path)] + list(args.overrides)
+
+
+def config_from_args(args) -> RunConfig:
+    """The recipe named by ``args.recipe`` with ``args.config`` files and ``args.overrides`` merged on top."""
+    return resolve_config(load_recipe(args.recipe)(), recipe_argv(args))

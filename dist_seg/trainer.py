@@ -35,9 +35,11 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 # What every stage needs to start lives in dist_seg.runtime; these names stay importable from here.
 from dist_seg.runtime import (  # noqa: F401  (re-exported)
+    add_recipe_arguments,
     default_cache_dir,
     load_recipe,
     make_accelerator,
+    recipe_argv,
     resolve_config,
     setup_logging,
 )
@@ -512,9 +514,7 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file or name, e.g. recipes/stego_toy.py or stego_toy")
-    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the recipe")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    add_recipe_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -523,8 +523,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    argv = [x for f in args.config for x in ("--config", f)] + list(args.overrides)
-    return run_recipe(config_fn, argv)
+    return run_recipe(config_fn, recipe_argv(args))
 
 
 def train_baseline(base: RunConfig, kind: str, *, crf: bool = False, accelerator=None) -> dict:

@@ -374,12 +374,11 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
 # ------------------------------------------------------------------------------------------ CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dist-seg masks RECIPE [key=value ...]``."""
-    parser.add_argument("recipe", help="recipe name (recipes/NAME.py) or path")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
-                        help="YAML config merged onto the recipe before the overrides (repeatable)")
+    from dist_seg.runtime import add_recipe_arguments
+
+    add_recipe_arguments(parser, overrides_help="config overrides, e.g. maskdistill.mine.short_side=320")
     parser.add_argument("--split", default=None, help="split to mine (default: data.train_split)")
     parser.add_argument("--overwrite", action="store_true", help="mine again even if a finished file exists")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. maskdistill.mine.short_side=320")
 
 
 def load_stage_config(args: argparse.Namespace):
@@ -387,8 +386,7 @@ def load_stage_config(args: argparse.Namespace):
     from dist_seg import runtime as rt
 
     rt.setup_logging()
-    yaml_args = [item for path in args.config for item in ("--config", path)]
-    return rt, rt.resolve_config(rt.load_recipe(args.recipe)(), [*yaml_args, *args.overrides])
+    return rt, rt.config_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:

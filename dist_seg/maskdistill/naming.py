@@ -234,12 +234,11 @@ def name_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
 # ------------------------------------------------------------------------------------------ CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dist-seg name RECIPE [key=value ...]``."""
-    parser.add_argument("recipe", help="recipe name (recipes/NAME.py) or path")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
-                        help="YAML config merged onto the recipe before the overrides (repeatable)")
+    from dist_seg.runtime import add_recipe_arguments
+
+    add_recipe_arguments(parser, overrides_help="config overrides, e.g. maskdistill.name.num_clusters=20")
     parser.add_argument("--split", default=None, help="split whose masks are named (default: data.train_split)")
     parser.add_argument("--overwrite", action="store_true", help="cluster again even if already named")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. maskdistill.name.num_clusters=20")
 
 
 def run(args: argparse.Namespace) -> int:

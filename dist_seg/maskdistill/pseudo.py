@@ -394,25 +394,24 @@ def format_counts(manifest: DatasetManifest) -> str:
 # ------------------------------------------------------------------------------------------ CLI hook
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """``dist-seg pseudo RECIPE [key=value ...] [--out DIR] [--split S] [--overwrite]``."""
-    parser.add_argument("recipe", help="recipe file or name, e.g. recipes/maskdistill_toy.py")
-    parser.add_argument("--config", action="append", default=[], help="YAML file(s) merged over the recipe")
+    from dist_seg.runtime import add_recipe_arguments
+
+    add_recipe_arguments(parser)
     parser.add_argument("--out", default=None,
                         help="output dataset folder (default: maskdistill.pseudo.out_root or <work_dir>/pseudo)")
     parser.add_argument("--split", default=None,
                         help="split the candidates were predicted on (default data.train_split)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite complete splits")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dist-seg pseudo``."""
     from dist_seg.config import ConfigError
-    from dist_seg.runtime import load_recipe, resolve_config, setup_logging
+    from dist_seg.runtime import config_from_args, setup_logging
 
     setup_logging()
     try:
-        argv = [x for f in args.config for x in ("--config", f)] + list(args.overrides)
-        cfg = resolve_config(load_recipe(args.recipe)(), argv)
+        cfg = config_from_args(args)
         out = write_pseudo_shards(cfg, split=args.split, out_root=args.out, overwrite=args.overwrite)
     except (ConfigError, DataError, MaskDistillFileError) as err:
         print(f"dist-seg pseudo: {err}", file=sys.stderr)
