@@ -107,6 +107,9 @@ class Method(nn.Module):
     # False for a method without a segmentation output to score (e.g. a detector): the trainer then
     # skips validation.
     validates: bool = True
+    # Whether DDP must look for parameters that got no gradient in a step (a graph traversal per step). A
+    # method whose loss involves every trainable parameter at every step sets False; True is the safe default.
+    find_unused_parameters: bool = True
 
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
         super().__init__()
