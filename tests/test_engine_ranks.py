@@ -48,6 +48,7 @@ def _buffers_after_setup(rank: int, world: int, recipe: str, root: str, out: str
     return {"buffers": buffers, "engine": engine}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra, expected", [
     ("ds2dl_toy", (), {"prototypes.global_"}),
     ("stego_toy", ("method=baseline", "baseline.kind=pca", "baseline.dim=8"),
@@ -87,6 +88,7 @@ def _bf16_run(rank: int, world: int, recipe: str, root: str, out: str) -> dict:
             "saved": {k: v.cpu() for k, v in state["method"].items()}, "step": state["step"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["stego_toy", "ds2dl_toy"])
 def test_deepspeed_bf16_validates_and_checkpoints_the_fp32_master(toy_root, tmp_path, recipe):
     """ZeRO-2 with bf16 weights (DeepSpeed's CPU accelerator runs bf16) through the trainer: the final
