@@ -10,9 +10,11 @@ It is driven directly rather than through Accelerate's DeepSpeed plugin: with ac
 0.19 that plugin needs ``transformers`` installed even for ZeRO-2, and ``Accelerator(cpu=True)`` silently drops
 it, so that route cannot be exercised without a GPU; ``deepspeed.initialize`` runs ZeRO-2 on CPU over gloo
 (DeepSpeed's CPU accelerator), which is how the tests check it. Any launcher works (the DDP accelerate
-configs, ``torchrun``, ``deepspeed``), and so does a plain ``python`` process. The JSON config shared
-with ``launch/deepspeed_zero2.yaml`` uses Accelerate's ``"auto"`` values; :func:`resolve_ds_config` fills
-them in the same way here.
+configs, ``torchrun``, ``deepspeed``), and so does a plain ``python`` process. The JSON config
+(``launch/deepspeed_zero2.json``, selected by ``train.deepspeed_config``) uses Accelerate-style ``"auto"``
+values; :func:`resolve_ds_config` fills them in. Accelerate's own DeepSpeed route (a launch config with
+``distributed_type: DEEPSPEED``) is refused by :func:`dist_seg.runtime.make_accelerator`: it needs a
+DataLoader in ``prepare`` and turns ``accelerator.autocast()`` into a no-op (docs/scaling.md).
 
 Typical use (one process per device, started by ``accelerate launch``, ``torchrun`` or ``deepspeed``)::
 

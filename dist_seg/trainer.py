@@ -153,12 +153,12 @@ class Trainer:
         self.info = read_data_info(cfg)
         self.backbone = None
         if not self.images_in and (cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached)):
-            from dist_seg.backbones import load_backbone
+            from dist_seg.backbones import backbone_dtype, load_backbone
 
-            # The backbone runs its own autocast in this dtype (bf16/fp16 on GPUs, fp32 with "no").
+            # The backbone runs its own autocast on CUDA (backbone.dtype: bf16 by default on GPUs); CPUs run fp32.
             self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
                                           allow_download=cfg.backbone.allow_download,
-                                          dtype=cfg.train.mixed_precision).to(self.device)
+                                          dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(self.device)
         feat_dim = 3 if self.images_in else (self.info.feat_dim or self.backbone.embed_dim)
         method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
                               has_labels=self.info.has_train_labels)
