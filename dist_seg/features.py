@@ -188,7 +188,8 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
         manifest = read_manifest(cfg.data.root)
         splits = splits or [cfg.data.train_split]
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
-                                 dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(accelerator.device)
+                                 dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision))
+        backbone = backbone.to(accelerator.device)
         provenance = {"backbone": cfg.backbone.name, "weights_id": backbone.weights_id, "res": cfg.data.res,
                       "eval_res": cfg.data.eval_res, "feat_dim": backbone.embed_dim,
                       "patch_size": backbone.patch_size, "dataset_root": str(Path(cfg.data.root).resolve())}

@@ -158,7 +158,8 @@ class Trainer:
             # The backbone runs its own autocast on CUDA (backbone.dtype: bf16 by default on GPUs); CPUs run fp32.
             self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
                                           allow_download=cfg.backbone.allow_download,
-                                          dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(self.device)
+                                          dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision))
+            self.backbone = self.backbone.to(self.device)
         feat_dim = 3 if self.images_in else (self.info.feat_dim or self.backbone.embed_dim)
         method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
                               has_labels=self.info.has_train_labels)

@@ -136,3 +136,62 @@ def test_maskrcnn_keeps_ddp_search_for_unused_parameters():
 
     # torchvision's detection heads are not all reached by every image's loss; DDP must keep looking.
     assert method_class("maskrcnn").find_unused_parameters is True
+
+
+def test_backbone_dtype_auto_follows_precision_and_the_device():
+    from dist_seg.backbones import backbone_dtype
+
+    assert backbone_dtype("fp32", "bf16") is None, "fp32 forces full precision"
+    assert backbone_dtype("bf16") is torch.bfloat16 and backbone_dtype("fp16") is torch.float16
+    assert backbone_dtype("auto", "fp16") is torch.float16, "auto follows train.mixed_precision when it is set"
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert backbone_dtype("auto", "no") is (torch.bfloat16 if gpu_bf16 else None)
+    assert RunConfig().backbone.dtype == "auto"
+    with pytest.raises(ConfigError, match="backbone.dtype"):
+        merge(RunConfig(), overrides=["backbone.dtype=int8"])
+
+
+def test_tf32_for_the_head_never_for_the_exact_knn():
+    from dist_seg.knn import _full_precision_matmul
+    from dist_seg.trainer import configure_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        # The CUDA branch only sets flags, so it can be checked without a GPU.
+        configure_precision(RunConfig(), torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+        with _full_precision_matmul():
+            assert not torch.backends.cuda.matmul.allow_tf32, "the exact KNN search must run in full float32"
+        assert torch.backends.cuda.matmul.allow_tf32, "TF32 comes back after the KNN block"
+        configure_precision(merge(RunConfig(), overrides=["train.allow_tf32=false"]), torch.device("cuda"))
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("method", ["stego", "ds2dl"])
+def test_losses_stay_float32_with_bf16_weights_under_the_trainers_autocast(method):
+    """DeepSpeed's bf16 route keeps the trainer's autocast (a DDP-type Accelerator): with the weights cast to
+    bf16, as DeepSpeed does, the probes' cross-entropy and the method's loss come out in float32."""
+    from dist_seg.methods import build_method
+    from dist_seg.methods.base import Batch, StepContext
+
+    cfg = merge(RunConfig(), overrides=[f"method={method}", "stego.dim=8", "ds2dl.dim=8", "stego.feature_samples=4",
+                                        "ds2dl.feature_samples=4", "stego.neg_samples=2"])
+    m = build_method(cfg, feat_dim=16, num_classes=3, has_labels=True)
+    for p in m.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    ctx = StepContext(step=0, seed=0, rank=0, world_size=1, local_batch=2)
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(feats=torch.randn(2, 16, 6, 6, generator=gen).bfloat16(),
+                  partner_feats=torch.randn(2, 16, 6, 6, generator=gen).bfloat16(),
+                  label=torch.randint(0, 3, (2, 24, 24), generator=gen))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = m.training_loss(batch, ctx)
+        if method == "stego":
+            code = m.encode(batch.feats)
+            probes = m.probe_losses(code, batch.label)
+            assert {k: v.dtype for k, v in probes.items()} == {"loss_cluster": torch.float32,
+                                                               "loss_linear": torch.float32}
+    assert loss.dtype == torch.float32, f"{method}: the loss is {loss.dtype} under bf16 weights"
+    assert torch.isfinite(loss)
