@@ -43,6 +43,7 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "BackboneWeightsError",
+    "backbone_dtype",
     "gap_descriptor",
     "load_backbone",
     "resolve_dtype",
@@ -102,6 +103,22 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]
     if isinstance(dtype, str) and dtype in table:
         return table[dtype]
     raise ValueError(f"dtype must be one of None, 'no', 'fp32', 'bf16', 'fp16' (or a torch dtype), got {dtype!r}")
+
+
+def backbone_dtype(dtype: str = "auto", mixed_precision: str = "no") -> Optional[torch.dtype]:
+    """The frozen backbone's autocast dtype on CUDA for ``backbone.dtype`` and ``train.mixed_precision``.
+
+    ``"auto"`` (the default) follows ``mixed_precision`` when it is ``bf16``/``fp16``, and otherwise picks
+    bf16 wherever this process sees a GPU that supports it: the backbone's forward dominates an online step,
+    bf16 runs it several times faster than float32 on Ampere/Hopper, and its effect on the features is small
+    (docs/decisions.md, issue 20 precision). ``"fp32"`` forces full precision. CPUs always run float32
+    (:class:`Backbone` autocasts on CUDA only).
+    """
+    if dtype == "auto":
+        if mixed_precision in ("bf16", "fp16"):
+            return resolve_dtype(mixed_precision)
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    return resolve_dtype(dtype)
 
 
 def gap_descriptor(features: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,10 @@ class BackboneConfig:
     name: str = "dino_vits8"
     weights: Optional[str] = None
     allow_download: bool = False
+    # Autocast dtype of the frozen backbone on CUDA: "auto" = train.mixed_precision when that is bf16/fp16,
+    # else bf16 where the GPU supports it (fp32 otherwise); "fp32" forces full precision. CPUs always run fp32.
+    # docs/decisions.md (issue 20, precision) gives the measured effect on the features.
+    dtype: str = "auto"
 
 
 # -------------------------------------------------------------------------------------------- methods
@@ -141,8 +145,14 @@ class TrainConfig:
     deterministic: bool = False
     mode: str = "online"
     mixed_precision: str = "no"
+    # TF32 for float32 matmuls and convolutions on CUDA (the head, losses, probes); the exact KNN search
+    # always runs in full float32 whatever this says (dist_seg.knn._full_precision_matmul).
+    allow_tf32: bool = True
     grad_clip: Optional[float] = None
     deepspeed_config: Optional[str] = None
+    # Process-group timeout: how long a collective waits for a rank busy alone (rank 0 merging MaskDistill
+    # candidates, CRF validation on a rank with more shards, a resumed extract) before the run is aborted.
+    dist_timeout_min: float = 60.0
     output_dir: str = "runs/default"
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -199,6 +209,7 @@ _CHOICES = {
     ("ds2dl", "affinity_target"): ("backbone", "code"),
     ("train", "mode"): ("online", "cached"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("backbone", "dtype"): ("auto", "fp32", "bf16", "fp16"),
     ("maskdistill", "detect", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "student"): ("deeplab", "head"),
@@ -223,6 +234,7 @@ def validate(cfg: RunConfig) -> None:
         "stego.feature_samples": cfg.stego.feature_samples,
         "ds2dl.dim": cfg.ds2dl.dim,
         "ds2dl.feature_samples": cfg.ds2dl.feature_samples,
+        "train.dist_timeout_min": cfg.train.dist_timeout_min,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -41,6 +41,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer of ``module`` from rank ``src`` to all ranks, in place (no-op on one process).
+
+    DDP does this when it wraps a module; DeepSpeed copies parameters only, so buffers such as EMA prototypes or
+    a fitted PCA would otherwise stay whatever each rank built. Buffers must be on the collective's device (the
+    GPU under NCCL).
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from ``src`` to every rank."""
     if not is_distributed():

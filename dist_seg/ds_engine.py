@@ -10,9 +10,11 @@ It is driven directly rather than through Accelerate's DeepSpeed plugin: with ac
 0.19 that plugin needs ``transformers`` installed even for ZeRO-2, and ``Accelerator(cpu=True)`` silently drops
 it, so that route cannot be exercised without a GPU; ``deepspeed.initialize`` runs ZeRO-2 on CPU over gloo
 (DeepSpeed's CPU accelerator), which is how the tests check it. Any launcher works (the DDP accelerate
-configs, ``torchrun``, ``deepspeed``), and so does a plain ``python`` process. The JSON config shared
-with ``launch/deepspeed_zero2.yaml`` uses Accelerate's ``"auto"`` values; :func:`resolve_ds_config` fills
-them in the same way here.
+configs, ``torchrun``, ``deepspeed``), and so does a plain ``python`` process. The JSON config
+(``launch/deepspeed_zero2.json``, selected by ``train.deepspeed_config``) uses Accelerate-style ``"auto"``
+values; :func:`resolve_ds_config` fills them in. Accelerate's own DeepSpeed route (a launch config with
+``distributed_type: DEEPSPEED``) is refused by :func:`dist_seg.runtime.make_accelerator`: it needs a
+DataLoader in ``prepare`` and turns ``accelerator.autocast()`` into a no-op (docs/scaling.md).
 
 Typical use (one process per device, started by ``accelerate launch``, ``torchrun`` or ``deepspeed``)::
 
@@ -96,11 +98,11 @@ def resolve_ds_config(
         micro_batch_size: rows per rank and step (the trainer's local batch).
         gradient_clipping: max global gradient norm, or None to keep the config's value.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (the run's ``train.mixed_precision``).
-        device_type: DeepSpeed's accelerator (``"cuda"``, ``"cpu"``, ...): half precision is refused on CPU.
+        device_type: DeepSpeed's accelerator (``"cuda"``, ``"cpu"``, ...): fp16 is refused on CPU (bf16 runs there).
 
     Raises:
         ValueError: settings this wrapper cannot honour (ZeRO-3, an optimizer or scheduler section,
-            gradient accumulation, fp16/bf16 on CPU), with the fix in the message.
+            gradient accumulation, fp16 on CPU), with the fix in the message.
     """
     cfg = _load_json(config)
     if mixed_precision not in _MIXED_PRECISION:
@@ -143,12 +145,11 @@ def resolve_ds_config(
         section = cfg.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = mixed_precision == key
-    if device_type == "cpu":
-        enabled = [key for key in ("bf16", "fp16") if cfg[key]["enabled"]]
-        if enabled:
-            raise ValueError(
-                f"{enabled[0]} is enabled in the DeepSpeed config but DeepSpeed is running on CPU: half "
-                f"precision is used on GPUs only here; set train.mixed_precision=no (or \"enabled\": \"auto\")")
+    if device_type == "cpu" and cfg["fp16"]["enabled"]:
+        # DeepSpeed's CPU accelerator runs bf16 (its ZeRO-2 master copy and casts are what the tests check);
+        # fp16 with loss scaling is a GPU path.
+        raise ValueError("fp16 is enabled in the DeepSpeed config but DeepSpeed is running on CPU: use "
+                         "train.mixed_precision=bf16 or train.mixed_precision=no (or \"enabled\": \"auto\")")
     # ZeRO splits each flattened parameter group across ranks, which is exact for element-wise optimisers
     # (Adam, AdamW, RAdam, SGD); DeepSpeed lists only some of them and asks for this flag for the others.
     cfg.setdefault("zero_allow_untested_optimizer", True)
@@ -242,7 +243,7 @@ class DeepSpeedEngine:
         gradient_clipping: max global gradient norm applied inside :meth:`step` (ZeRO holds only a shard of
             the gradients on each rank, so clipping must be DeepSpeed's); None keeps the config's value.
         micro_batch_size: rows per rank and step, for DeepSpeed's bookkeeping.
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 on GPUs only).
 
     Attributes:
         engine: the ``deepspeed.DeepSpeedEngine``.
@@ -303,6 +304,24 @@ class DeepSpeedEngine:
 
     def parameters(self):
         return self.engine.module.parameters()
+
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's ``state_dict`` with every parameter taken from DeepSpeed's float32 master copy.
+
+        With bf16/fp16 the module holds half-precision weights for the forward pass, while ZeRO keeps the
+        float32 master weights partitioned over the ranks; DeepSpeed's ``safe_get_full_fp32_param`` assembles
+        each one (an all-reduce over the data-parallel group). Without a master copy (fp32 runs) the parameter
+        itself is used. Floating buffers are returned in float32 (DeepSpeed 0.19 keeps them so already).
+
+        Collective: every rank must call it.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = self.module.state_dict()
+        for name, param in self.module.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            state[name] = (param.detach() if full is None else full).to(device=param.device, dtype=torch.float32)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def _cast(self, batch: Batch) -> Batch:
         # With DeepSpeed's bf16/fp16 the weights themselves are half precision, and the caller casts inputs.

@@ -177,7 +177,7 @@ def extract_split(backbone, root: str | Path, split: str, cache: str | Path, *, 
 
 def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = None, accelerator=None) -> Path:
     """Build (or complete) the feature cache of a run config's dataset; returns the cache folder."""
-    from dist_seg.backbones import load_backbone
+    from dist_seg.backbones import backbone_dtype, load_backbone
     from dist_seg.data.manifest import read_manifest
     from dist_seg.runtime import default_cache_dir, make_accelerator
 
@@ -188,7 +188,8 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
         manifest = read_manifest(cfg.data.root)
         splits = splits or [cfg.data.train_split]
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
-                                 dtype=cfg.train.mixed_precision).to(accelerator.device)
+                                 dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision))
+        backbone = backbone.to(accelerator.device)
         provenance = {"backbone": cfg.backbone.name, "weights_id": backbone.weights_id, "res": cfg.data.res,
                       "eval_res": cfg.data.eval_res, "feat_dim": backbone.embed_dim,
                       "patch_size": backbone.patch_size, "dataset_root": str(Path(cfg.data.root).resolve())}

@@ -250,10 +250,10 @@ def _descriptor_source(cfg, *, backbone=None, cache=None, device="cpu"):
                                     "point data.feature_cache at a matching cache or re-run `dist-seg extract`")
         return None, cache, info.get("weights_id")
     if backbone is None:
-        from dist_seg.backbones import load_backbone
+        from dist_seg.backbones import backbone_dtype, load_backbone
 
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
-                                 dtype=cfg.train.mixed_precision).to(device)
+                                 dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(device)
     return backbone, None, backbone.weights_id
 
 

@@ -93,7 +93,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from dist_seg.backbones import load_backbone
+    from dist_seg.backbones import backbone_dtype, load_backbone
     from dist_seg.eval.plots import colorize, default_palette
     from dist_seg.runtime import setup_logging
     from dist_seg.trainer import load_method_checkpoint
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                                                     trust=args.trust_checkpoint)
         paths = list_images(args.images)
         backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
-                                 dtype=cfg.train.mixed_precision if device.type == "cuda" else None).to(device)
+                                 dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,12 +31,33 @@ def setup_logging() -> None:
 
 
 def make_accelerator(cfg: RunConfig):
-    """The run's ``accelerate.Accelerator`` (device, processes, mixed precision, DDP settings)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    """The run's ``accelerate.Accelerator`` (device, processes, mixed precision, DDP settings).
 
-    return Accelerator(mixed_precision=cfg.train.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    Raises:
+        ConfigError: the process was started with Accelerate's own DeepSpeed plugin (a launch config with
+            ``distributed_type: DEEPSPEED``), which dist_seg does not use (docs/scaling.md, "DeepSpeed ZeRO-2").
+    """
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ConfigError("this process was started with Accelerate's DeepSpeed plugin (distributed_type: DEEPSPEED), "
+                          "which dist_seg does not use: launch with a DDP config and select DeepSpeed in the run, "
+                          "e.g. accelerate launch --config_file launch/multi_gpu.yaml RECIPE "
+                          "train.deepspeed_config=launch/deepspeed_zero2.json")
+    if cfg.train.deterministic:
+        # cuBLAS reads this when the process creates its first handle: set it before any CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    handlers = [
+        # The safe default for a module the trainer knows nothing about; the trainer sets the method's own choice
+        # (Method.find_unused_parameters) before it wraps the method.
+        DistributedDataParallelKwargs(find_unused_parameters=True),
+        # An explicit collective timeout instead of torch's 10-minute NCCL default (TrainConfig.dist_timeout_min).
+        InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_min)),
+    ]
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=handlers)
 
 
 def default_cache_dir(cfg: RunConfig) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -141,21 +142,24 @@ class Trainer:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) must be divisible by "
                               f"the number of processes ({self.world})")
         self.local_batch = cfg.data.batch_size // self.world
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.manual_seed(cfg.train.seed + self.rank)
+        configure_precision(cfg, self.device)
+        # The same seed on every rank before anything random is built: DeepSpeed broadcasts parameters only,
+        # so buffers drawn at random (DS²DL's global prototypes) must agree by construction (they are also
+        # broadcast from rank 0 below). Dropout gets (seed, step, rank) seeds at every step in the loop.
+        torch.manual_seed(cfg.train.seed)
         self.images_in = method_class(cfg.method).inputs_of(cfg) == "images"
         if self.images_in and cfg.train.mode == "cached":
             raise ConfigError(f"method {cfg.method!r} trains on images, not cached features: set train.mode=online")
         self.info = read_data_info(cfg)
         self.backbone = None
         if not self.images_in and (cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached)):
-            from dist_seg.backbones import load_backbone
+            from dist_seg.backbones import backbone_dtype, load_backbone
 
-            # The backbone runs its own autocast in this dtype (bf16/fp16 on GPUs, fp32 with "no").
+            # The backbone runs its own autocast on CUDA (backbone.dtype: bf16 by default on GPUs); CPUs run fp32.
             self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
                                           allow_download=cfg.backbone.allow_download,
-                                          dtype=cfg.train.mixed_precision).to(self.device)
+                                          dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision))
+            self.backbone = self.backbone.to(self.device)
         feat_dim = 3 if self.images_in else (self.info.feat_dim or self.backbone.embed_dim)
         method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
                               has_labels=self.info.has_train_labels)
@@ -171,6 +175,8 @@ class Trainer:
         if getattr(method, "needs_fit", False):
             method.fit(self._fit_features(getattr(method, "fit_samples", 2000)))
         optimizer = method.build_optimizer()
+        if self.accelerator.ddp_handler is not None:  # set before prepare() wraps the method in DDP
+            self.accelerator.ddp_handler.find_unused_parameters = method.find_unused_parameters
         self.engine = None
         if cfg.train.deepspeed_config:
             # ZeRO-2 is driven directly (see dist_seg/ds_engine.py for why not through Accelerate's plugin).
@@ -182,6 +188,9 @@ class Trainer:
             self.method, self.optimizer = self.engine, self.engine.optimizer
         else:
             self.method, self.optimizer = self.accelerator.prepare(method, optimizer)
+        # Every buffer identical on all ranks after set-up, whatever the engine (DDP copies buffers from rank 0
+        # when it wraps the module; DeepSpeed does not).
+        D.broadcast_buffers(self.unwrapped)
         self.step = 0
         self.best_miou = -math.inf
         self.assignment: Optional[list] = None  # cluster -> class matching of the latest validation
@@ -212,16 +221,23 @@ class Trainer:
             return self.backbone.patch_features(images.to(self.device, non_blocking=True)).float()
 
     def _fit_features(self, num: int) -> torch.Tensor:
-        """Up to ``num`` training feature vectors (pixels) for baselines that fit on data (PCA)."""
+        """``num`` training feature vectors (pixels) for baselines that fit on data (PCA), the same on every rank.
+
+        Each rank reads ``ceil(num / world)`` rows from its own shards and the rows are gathered, so every rank
+        fits on the same data drawn from all shards (the fitted buffers are broadcast from rank 0 as well).
+        """
         loader, _ = self._loader(self.cfg.data.train_split, infinite=False, shuffle=False)
+        share = -(-num // self.world)
         rows, total = [], 0
         for batch in loader:
             f = batch["feat"].float() if "feat" in batch else self._features(batch["image"]).cpu()
             rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
             total += rows[-1].shape[0]
-            if total >= num:
+            if total >= share:
                 break
-        return torch.cat(rows)[:num]
+        dim = rows[0].shape[1] if rows else self.info.feat_dim or self.backbone.embed_dim
+        mine = torch.cat(rows)[:share] if rows else torch.zeros(0, dim)
+        return D.all_gather_variable(mine.to(self.device)).cpu()[:num]
 
     def _loader(self, split: str, *, infinite: bool, shuffle: bool, start_batch: int = 0, val: bool = False):
         from dist_seg.data.shards import make_loader
@@ -276,10 +292,36 @@ class Trainer:
                            local_batch=self.local_batch)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def method_state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's weights as checkpoints hold them.
+
+        Under DeepSpeed the parameters come from its float32 master copy (gathered from the ZeRO partitions by
+        DeepSpeed's ``safe_get_full_fp32_param``), not from the bf16/fp16 weights the forward pass uses.
+        Collective under DeepSpeed: every rank must call it.
+        """
+        if self.engine is not None:
+            return self.engine.fp32_state_dict()
+        return self.unwrapped.state_dict()
+
+    def eval_method(self) -> Method:
+        """The method validation scores.
+
+        Under DeepSpeed with bf16/fp16 weights, a float32 copy holding the master weights (exactly what the
+        checkpoint holds and ``dist-seg eval`` scores; heads are small, so the copy is cheap), else the method
+        itself. Collective under DeepSpeed.
+        """
+        method = self.unwrapped
+        if self.engine is None or all(p.dtype == torch.float32 for p in method.parameters()):
+            return method
+        copy = build_method(self.cfg, feat_dim=method.feat_dim, num_classes=self.info.num_classes,
+                            has_labels=self.info.has_train_labels)
+        copy.load_state_dict(self.engine.fp32_state_dict())
+        return copy.to(self.device)
+
     def state_dict(self) -> dict:
         state = {
             "step": int(self.step),
-            "method": self.unwrapped.state_dict(),
+            "method": self.method_state_dict(),
             # Under ZeRO each rank holds a shard of the optimiser state: DeepSpeed saves those beside this file.
             "optimizer": self.optimizer.state_dict() if self.engine is None else None,
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
@@ -338,7 +380,7 @@ class Trainer:
     def validate(self, *, num_overlays: int = 0, crf: Optional[bool] = None) -> Optional[dict]:
         from dist_seg.eval.evaluate import validate_run
 
-        return validate_run(self.unwrapped, self.cfg, self.info, device=self.device, local_batch=self.local_batch,
+        return validate_run(self.eval_method(), self.cfg, self.info, device=self.device, local_batch=self.local_batch,
                             backbone=self.backbone, autocast=self.accelerator.autocast,
                             num_overlays=num_overlays, crf=crf)
 
@@ -460,6 +502,28 @@ class Trainer:
                     self.tracker.log_artifact(p, "eval")
             self.tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.step)
         return result
+
+
+def configure_precision(cfg: RunConfig, device: torch.device) -> None:
+    """Float32 matmul precision and determinism of this process, from ``cfg.train``.
+
+    - ``allow_tf32`` (CUDA): TF32 for float32 matmuls and convolutions (the head, losses and probes when they
+      run in float32). The exact KNN search turns it off around its own matmuls.
+    - ``deterministic``: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN without
+      benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (read by cuBLAS when the process creates its first
+      handle, so :func:`~dist_seg.runtime.make_accelerator` sets it first). ``warn_only``: the probes'
+      cross-entropy (``nll_loss2d``) has no deterministic CUDA kernel, so raising would forbid every run; it
+      warns instead. The sampling of every method (``grid_sample``, whose CUDA backward accumulates with
+      atomics) switches to a deterministic matrix form (:func:`dist_seg.methods.base.grid_sample`).
+      docs/decisions.md (issue 19, C11) lists what remains nondeterministic.
+    """
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if cfg.train.allow_tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def _main_thread() -> bool:

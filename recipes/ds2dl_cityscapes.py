@@ -13,7 +13,8 @@ def config() -> RunConfig:
         method="ds2dl",
         num_classes=27,
         data=DataConfig(dataset="cityscapes27", root="data/cityscapes27", res=224, batch_size=32),
-        backbone=BackboneConfig(name="dino_vits8"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="dino_vits8", dtype="auto"),
         ds2dl=DS2DLConfig(dim=64, r=2.22, tau=0.1, optimizer="radam", lr=1e-4, prototype_lr=5e-4,
                           bias_init=-0.5, bias_lr=5e-4, affinity_target="backbone", spatial_center=True),
         train=TrainConfig(num_steps=8000, seed=0, output_dir="runs/ds2dl_cityscapes", val_every=1000,

@@ -13,7 +13,8 @@ def config() -> RunConfig:
         method="ds2dl",
         num_classes=27,
         data=DataConfig(dataset="cocostuff27", root="data/cocostuff27", res=224, batch_size=32),
-        backbone=BackboneConfig(name="dino_vits8"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="dino_vits8", dtype="auto"),
         # SPEC §4: r = 2.1 for COCO and 2.22 for Cityscapes is our reading of the paper.
         ds2dl=DS2DLConfig(dim=64, r=2.1, tau=0.1, optimizer="radam", lr=1e-4, prototype_lr=5e-4,
                           bias_init=-0.5, bias_lr=5e-4, affinity_target="backbone", spatial_center=True),

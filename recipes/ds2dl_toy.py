@@ -13,7 +13,8 @@ def config() -> RunConfig:
         method="ds2dl",
         data=DataConfig(dataset="toy", root="data/toy", res=64, eval_res=64, batch_size=32, num_workers=2,
                         shuffle_buffer=64),
-        backbone=BackboneConfig(name="toy"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="toy", dtype="auto"),
         # SPEC §4 (revised) with the toy's faster learning rates and Adam: chosen on held-out *training*
         # images with tuning seeds 3 and 4 (tools/tune_ds2dl_toy.py; docs/results.md), never on the
         # validation split of the reported seeds. b keeps SPEC's init -0.5 and its slow lr 5e-4.

@@ -18,7 +18,8 @@ def config() -> RunConfig:
         method="maskdistill",
         data=DataConfig(dataset="coco20k", root="data/coco20k", train_split="train", val_split="train", res=512,
                         eval_res=512, batch_size=16, num_workers=4, shuffle_buffer=1000),
-        backbone=BackboneConfig(name="dino_vits8"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="dino_vits8", dtype="auto"),
         maskdistill=MaskDistillConfig(name=NameConfig(num_clusters=80), distil=DistilConfig(student="deeplab")),
         train=TrainConfig(output_dir="runs/maskdistill_coco20k", checkpoint_every=1000, val_every=5000,
                           log_every=20),

@@ -26,7 +26,8 @@ def config() -> RunConfig:
         method="maskdistill",
         data=DataConfig(dataset="toy_objects", root="data/toy_objects", res=96, eval_res=96, batch_size=8,
                         num_workers=0, shuffle_buffer=64),
-        backbone=BackboneConfig(name="toy"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="toy", dtype="auto"),
         maskdistill=MaskDistillConfig(
             mine=MineConfig(backbone="toy", heads=2, short_side=96),
             name=NameConfig(backbone="toy", num_clusters=3),

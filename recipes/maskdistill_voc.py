@@ -21,7 +21,8 @@ def config() -> RunConfig:
         method="maskdistill",
         data=DataConfig(dataset="voc12", root="data/voc12", train_split="trainaug", val_split="val", res=512,
                         eval_res=512, batch_size=16, num_workers=4, shuffle_buffer=1000),
-        backbone=BackboneConfig(name="dino_vits8"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="dino_vits8", dtype="auto"),
         maskdistill=MaskDistillConfig(name=NameConfig(num_clusters=20), distil=DistilConfig(student="deeplab")),
         train=TrainConfig(output_dir="runs/maskdistill_voc", checkpoint_every=1000, val_every=5000, log_every=20),
         eval=EvalConfig(num_overlays=8),

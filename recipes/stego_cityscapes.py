@@ -13,7 +13,8 @@ def config() -> RunConfig:
         method="stego",
         num_classes=27,
         data=DataConfig(dataset="cityscapes27", root="data/cityscapes27", res=224, batch_size=32),
-        backbone=BackboneConfig(name="dino_vitb8"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="dino_vitb8", dtype="auto"),
         stego=StegoConfig(
             dim=100, zero_clamp=True, pointwise=False,
             neg_inter_weight=0.91, pos_inter_weight=0.58, pos_intra_weight=1.00,

@@ -13,7 +13,8 @@ def config() -> RunConfig:
         method="stego",
         num_classes=3,
         data=DataConfig(dataset="potsdam3", root="data/potsdam3", res=224, batch_size=16),
-        backbone=BackboneConfig(name="dino_vits8"),
+        # Frozen backbone in bf16 autocast on GPUs, float32 on CPUs (docs/decisions.md, issue 20 precision).
+        backbone=BackboneConfig(name="dino_vits8", dtype="auto"),
         stego=StegoConfig(
             dim=70, zero_clamp=True, pointwise=True,
             neg_inter_weight=0.63, pos_inter_weight=0.25, pos_intra_weight=0.67,

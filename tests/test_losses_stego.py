@@ -131,3 +131,24 @@ def test_norm_and_bad_feature_mean():
     with pytest.raises(ValueError, match="feature_mean"):
         stacked_correlation_term(fa, fb, ca, cb, 0.0, spatial_center=True, zero_clamp=True,
                                  feature_mean=torch.zeros(3))
+
+
+def test_target_correlation_stays_float32_under_bf16_autocast():
+    """The no-grad target F is computed in float32 even under bf16 autocast (review C8); only the code side
+    follows autocast. F is bit-identical to the float32 computation, and L uses it unrounded."""
+    from dist_seg.losses.stego import feature_correlation
+
+    gen = torch.Generator().manual_seed(3)
+    fa, fb = torch.randn(2, 16, 5, 5, generator=gen), torch.randn(2, 16, 5, 5, generator=gen)
+    ca, cb = torch.randn(2, 8, 5, 5, generator=gen), torch.randn(2, 8, 5, 5, generator=gen)
+    want = feature_correlation(fa, fb, spatial_center=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = feature_correlation(fa, fb, spatial_center=True)
+        loss, cd = correlation_term(fa, fb, ca, cb, 0.2, spatial_center=True, zero_clamp=True)
+        means = mean_feature_correlation(fa, fb)
+        code_side = torch.einsum("nchw,ncij->nhwij", ca, cb)
+    assert code_side.dtype == torch.bfloat16, "setup: autocast must lower einsums to bf16 on this machine"
+    assert got.dtype == torch.float32 and torch.equal(got, want), "F must be the float32 volume under autocast"
+    assert means.dtype == torch.float32
+    assert loss.dtype == torch.float32, f"L = -clamp(Cs)·(F - b) must carry the float32 F, got {loss.dtype}"
+    assert torch.equal(loss, -cd.clamp(min=0).float() * (want - 0.2)), "L must use F unrounded"

@@ -338,11 +338,11 @@ def evaluate_checkpoint(method: Method, cfg, *, crf: Optional[bool] = None, acce
         device = accelerator.device
         backbone = None
         if method.inputs != "images" and info.has_val and not info.val_cached:
-            from dist_seg.backbones import load_backbone
+            from dist_seg.backbones import backbone_dtype, load_backbone
 
             backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
                                      allow_download=cfg.backbone.allow_download,
-                                     dtype=cfg.train.mixed_precision).to(device)
+                                     dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(device)
         method = method.to(device).eval()
         result = validate_run(method, cfg, info, device=device, local_batch=cfg.data.batch_size // world,
                               backbone=backbone, autocast=accelerator.autocast,

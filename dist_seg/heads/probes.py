@@ -68,7 +68,8 @@ class ClusterProbe(nn.Module):
 
     def loss(self, code: torch.Tensor) -> torch.Tensor:
         """``-(onehot(argmax inner) · inner).sum(1).mean()``: pull each pixel's nearest centre towards it."""
-        inner = self.inner(code)
+        # Reduced in float32: under autocast (or with bf16 weights) the inner products come out in bf16.
+        inner = self.inner(code).float()
         assignment = F.one_hot(inner.argmax(dim=1), self.num_clusters).permute(0, 3, 1, 2).to(inner.dtype)
         return -(assignment * inner).sum(dim=1).mean()
 

@@ -65,7 +65,8 @@ def mean_feature_correlation(fa: torch.Tensor, fb: torch.Tensor, *, normalized: 
     Returns:
         ``[..., B]`` means, without gradient.
     """
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=fa.device.type, enabled=False):
+        fa, fb = _at_least_fp32(fa), _at_least_fp32(fb)
         if not normalized:
             fa, fb = _norm_channels(fa), _norm_channels(fb)
         return (fa.mean(dim=(-2, -1)) * fb.mean(dim=(-2, -1))).sum(-1)
@@ -94,6 +95,27 @@ def _as_group_means(feature_mean: Mean, fd: torch.Tensor) -> torch.Tensor:
     if m.shape != (n,):
         raise ValueError(f"feature_mean must be a scalar or hold one value per pairing ({n}), got {tuple(m.shape)}")
     return m
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _target_correlation(fa: torch.Tensor, fbs: torch.Tensor, *, spatial_center: bool, feature_mean: Mean = None,
+                        normalized: bool = False) -> torch.Tensor:
+    """The target ``F`` ``[n, B, S, S, S, S]`` of anchors ``[B, C, S, S]`` against partners ``[n, B, C, S, S]``.
+
+    Always float32, autocast or not: it is a constant (no gradient) that costs one einsum, and under bf16
+    autocast its rounding (|ΔF| up to ~2e-3) would shift every pair's target against shifts of 0.02-0.2.
+    """
+    with torch.no_grad(), torch.autocast(device_type=fa.device.type, enabled=False):
+        fa, fbs = _at_least_fp32(fa), _at_least_fp32(fbs)
+        if not normalized:
+            fa, fbs = norm(fa), _norm_channels(fbs)
+        fd = _stacked_correlation(fa, fbs)
+        if spatial_center:
+            fd = _center(fd, _as_group_means(feature_mean, fd))
+    return fd
 
 
 def stacked_correlation_term(
@@ -132,12 +154,8 @@ def stacked_correlation_term(
     """
     if fbs.dim() != 5 or cbs.dim() != 5:
         raise ValueError(f"partners must be stacked as [n, B, C, S, S], got {tuple(fbs.shape)} and {tuple(cbs.shape)}")
-    with torch.no_grad():
-        if not normalized:
-            fa, fbs = norm(fa), _norm_channels(fbs)
-        fd = _stacked_correlation(fa, fbs)
-        if spatial_center:
-            fd = _center(fd, _as_group_means(feature_mean, fd))
+    fd = _target_correlation(fa, fbs, spatial_center=spatial_center, feature_mean=feature_mean,
+                             normalized=normalized)
     if not normalized:
         ca, cbs = norm(ca), _norm_channels(cbs)
     cd = _stacked_correlation(ca, cbs)
@@ -194,8 +212,4 @@ def feature_correlation(
     fa: torch.Tensor, fb: torch.Tensor, *, spatial_center: bool, feature_mean: Mean = None
 ) -> torch.Tensor:
     """The target ``F`` of :func:`correlation_term` alone, ``[B, S, S, S, S]``, without gradient."""
-    with torch.no_grad():
-        fd = _stacked_correlation(norm(fa), norm(fb).unsqueeze(0))
-        if spatial_center:
-            fd = _center(fd, _as_group_means(feature_mean, fd))
-    return fd[0]
+    return _target_correlation(fa, fb.unsqueeze(0), spatial_center=spatial_center, feature_mean=feature_mean)[0]

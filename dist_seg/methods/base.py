@@ -85,8 +85,34 @@ def sample_coords(ctx: StepContext, num_samples: int, purpose: str, device: torc
 
 
 def grid_sample(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Sample ``t`` ``[b, C, h, w]`` at ``coords`` ``[b, S, S, 2]`` → ``[b, C, S, S]`` (SPEC §3)."""
+    """Sample ``t`` ``[b, C, h, w]`` at ``coords`` ``[b, S, S, 2]`` → ``[b, C, S, S]`` (SPEC §3).
+
+    Bilinear, border padding, ``align_corners=True``. When deterministic algorithms are on
+    (``train.deterministic``) and ``t`` needs a gradient, the same interpolation runs as a product with
+    separable weight matrices: ``F.grid_sample``'s CUDA backward accumulates with atomics and has no
+    deterministic kernel, a matrix product's backward is deterministic.
+    """
+    if torch.are_deterministic_algorithms_enabled() and t.requires_grad:
+        return _grid_sample_matmul(t, coords)
     return F.grid_sample(t, coords.to(t.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _axis_weights(x: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bilinear weights ``[..., size]`` of normalised coordinates ``x`` (align_corners=True, border)."""
+    pos = ((x.to(torch.promote_types(x.dtype, torch.float32)) + 1) / 2 * (size - 1)).clamp(0, size - 1)
+    low = pos.floor().clamp(max=size - 1)
+    frac = pos - low
+    high = (low + 1).clamp(max=size - 1)
+    weights = F.one_hot(low.long(), size) * (1 - frac)[..., None] + F.one_hot(high.long(), size) * frac[..., None]
+    return weights.to(dtype)
+
+
+def _grid_sample_matmul(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = t.shape
+    s1, s2 = coords.shape[1:3]
+    flat = coords.reshape(b, s1 * s2, 2)
+    wx, wy = _axis_weights(flat[..., 0], w, t.dtype), _axis_weights(flat[..., 1], h, t.dtype)
+    return torch.einsum("bchw,bph,bpw->bcp", t, wy, wx).reshape(b, -1, s1, s2)
 
 
 class Method(nn.Module):
@@ -107,6 +133,9 @@ class Method(nn.Module):
     # False for a method without a segmentation output to score (e.g. a detector): the trainer then
     # skips validation.
     validates: bool = True
+    # Whether DDP must look for parameters that got no gradient in a step (a graph traversal per step). A
+    # method whose loss involves every trainable parameter at every step sets False; True is the safe default.
+    find_unused_parameters: bool = True
 
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
         super().__init__()

@@ -17,6 +17,8 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 class BaselineMethod(Method):
     name = "baseline"
+    # Only the probes train, and both are in every step's loss (the linear one whenever labels exist).
+    find_unused_parameters = False
     needs_partners = False
 
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
@@ -61,4 +63,6 @@ class BaselineMethod(Method):
             loss_linear = self.linear_probe.loss(code, batch.label)
             loss = loss + loss_linear
             logs["loss_linear"] = float(loss_linear.detach())
+        elif self.linear_probe is not None:  # keeps the probe in the graph (find_unused_parameters=False)
+            loss = loss + sum(p.sum() for p in self.linear_probe.parameters()) * 0.0
         return loss, logs

@@ -59,6 +59,9 @@ class DS2DLMethod(Method):
     """
 
     name = "ds2dl"
+    # Every parameter is in every step's graph (head, P_l through L2G/self-labelling/orthogonality, b through the
+    # intra-image affinity term, the probes), also when a loss weight is 0 (a zero product keeps the graph).
+    find_unused_parameters = False
     # Pairs come from the batch itself (intra-image and a derangement of the global batch), never from the
     # KNN table: the trainer then neither builds a table nor fetches (or, online, encodes) partner images.
     needs_partners = False
@@ -72,11 +75,19 @@ class DS2DLMethod(Method):
             raise ValueError(f"ds2dl.sinkhorn_eps and ds2dl.tau must be positive, got {c.sinkhorn_eps} and {c.tau}")
         self.head = DS2DLHead(feat_dim, c.dim, dropout=c.dropout)
         self.prototypes = Prototypes(num_classes, c.dim, momentum=c.ema_momentum)
-        self.bias = nn.Parameter(torch.tensor(float(c.bias_init)))
+        # Shape [1], not a 0-dim scalar: DeepSpeed 0.19 broadcasts parameters as byte views, which a 0-dim
+        # tensor cannot give (ZeRO set-up failed on 2 ranks). Old 0-dim checkpoints load (see below).
+        self.bias = nn.Parameter(torch.full((1,), float(c.bias_init)))
         self.cluster_probe: ClusterProbe | None = ClusterProbe(c.dim, num_classes) if c.train_probes else None
         self.linear_probe: LinearProbe | None = (
             LinearProbe(c.dim, num_classes) if c.train_probes and has_labels else None
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "bias"
+        if key in state_dict and state_dict[key].dim() == 0:  # checkpoints written before b had shape [1]
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------ optimiser
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -161,6 +172,8 @@ class DS2DLMethod(Method):
         if self.linear_probe is not None and batch.label is not None:
             terms["loss_linear"] = self.linear_probe.loss(code.to(self.linear_probe.conv.weight.dtype), batch.label)
             total = total + terms["loss_linear"]
+        elif self.linear_probe is not None:  # keeps the probe in the graph (find_unused_parameters=False)
+            total = total + sum(p.sum() for p in self.linear_probe.parameters()) * 0.0
         terms["loss"] = total
         terms["bias"] = self.bias
 

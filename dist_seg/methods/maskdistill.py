@@ -130,6 +130,9 @@ class MaskDistillMethod(Method):
             nn.init.normal_(last.weight, mean=0.0, std=0.01)
             nn.init.zeros_(last.bias)
             last.requires_grad_(True)
+        # The head student (and the linear protocol, one trained conv) uses every trainable parameter at every
+        # step; torchvision's DeepLab-v3 is left to DDP's search (its optional aux classifier is not in the loss).
+        self.find_unused_parameters = self.student == "deeplab" and not self.linear
         self._steps_per_epoch = dc.steps_per_epoch or self._default_steps_per_epoch(cfg)
         self.train()
 

@@ -52,6 +52,9 @@ class StegoMethod(Method):
     """
 
     name = "stego"
+    # Every parameter is in every step's graph: head, cluster probe, and the linear probe (a zero term on an
+    # unlabelled batch, probe_losses).
+    find_unused_parameters = False
 
     def __init__(self, cfg: RunConfig, *, feat_dim: int, num_classes: int, has_labels: bool) -> None:
         super().__init__(cfg, feat_dim=feat_dim, num_classes=num_classes, has_labels=has_labels)
