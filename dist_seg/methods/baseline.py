@@ -55,10 +55,10 @@ class BaselineMethod(Method):
     def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         code = self.encode(batch.feats).detach()
         loss_cluster = self.cluster_probe.loss(code)
-        logs = {"loss_cluster": float(loss_cluster.detach())}
+        logs = {"loss_cluster": loss_cluster.detach()}
         loss = loss_cluster
         if self.linear_probe is not None and batch.label is not None:
             loss_linear = self.linear_probe.loss(code, batch.label)
             loss = loss + loss_linear
-            logs["loss_linear"] = float(loss_linear.detach())
+            logs["loss_linear"] = loss_linear.detach()
         return loss, logs
