@@ -280,20 +280,23 @@ class Trainer:
         if own is not None:
             yield from self._timed(own)
             return
-        from dist_seg.data.transforms import normalize
-
         # Batches arrive with each anchor's KNN partner (read in the loader's workers, SPEC §2).
         loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step,
                                  partners=self.needs_partners)
         for raw in self._timed(loader):
-            label = raw["label"].to(self.device, non_blocking=True) if self.info.has_train_labels else None
-            if self.images_in:
-                images = normalize(raw["image"].to(self.device, non_blocking=True))
-                yield Batch(images=images, label=label, index=raw["index"])
-                continue
-            feats = self.encoded(raw)
-            partner = self.encoded(raw, "partner_") if self.needs_partners else None
-            yield Batch(feats=feats, partner_feats=partner, label=label, index=raw["index"])
+            yield self.batch_from(raw)
+
+    def batch_from(self, raw: dict) -> Batch:
+        """The method's :class:`Batch` of a training loader batch (inputs on the device, copies non-blocking)."""
+        from dist_seg.data.transforms import normalize
+
+        label = raw["label"].to(self.device, non_blocking=True) if self.info.has_train_labels else None
+        if self.images_in:
+            return Batch(images=normalize(raw["image"].to(self.device, non_blocking=True)), label=label,
+                         index=raw["index"])
+        feats = self.encoded(raw)
+        partner = self.encoded(raw, "partner_") if self.needs_partners else None
+        return Batch(feats=feats, partner_feats=partner, label=label, index=raw["index"])
 
     def _context(self) -> StepContext:
         return StepContext(step=self.step, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
