@@ -94,7 +94,7 @@ class PartnerReader:
         streams = max(1, num_workers)
         if self._shards is None:
             self._shards = IndexedShards(self.index_path, "", res=self.res, decode=self.decode,
-                                         half_features=self.half_features)
+                                         half_features=self.half_features, labels=False)
         key = "feat" if self.decode == "features" else "image"
         for count, batch in enumerate(batches):
             step = self.start_batch + count * streams + worker

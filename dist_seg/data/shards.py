@@ -481,10 +481,12 @@ class RecordDecoder:
     its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``; validation
     caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop). With
     ``half_features`` ``feat`` and ``feat_flip`` keep the fp16 they are stored in, so half the bytes cross to
-    the device, where the reader expands them.
+    the device, where the reader expands them. ``labels=False`` skips the label PNG (rows then carry an
+    all-ignore label): KNN partners need none, and decoding it is a third of a small record's cost.
     """
 
-    def __init__(self, *, decode: str = "image", res: int | None = None, half_features: bool = False) -> None:
+    def __init__(self, *, decode: str = "image", res: int | None = None, half_features: bool = False,
+                 labels: bool = True) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if decode == "image" and res is not None and res < 1:
@@ -492,6 +494,7 @@ class RecordDecoder:
         self.mode = decode
         self.res = res
         self.feat_dtype = np.float16 if half_features else np.float32
+        self.labels = labels
         self._decoder = wds.Decoder(
             [wds.handle_extension("label.png", decode_label_png), wds.imagehandler("rgb8")],
             only=["jpg", "png", "label.png", "feat.npy", "gap.npy", "feat_flip.npy"],
@@ -502,6 +505,8 @@ class RecordDecoder:
         meta = raw.get("__meta__")
         if meta is None:
             meta = _parse_meta(raw)
+        if not self.labels:
+            raw = {k: v for k, v in raw.items() if k != "label.png"}
         sample = self._decoder(raw)
         label = sample.get("label.png")
         out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64)}
@@ -1034,11 +1039,11 @@ class IndexedShards:
         res: output side for ``decode="image"`` (None: the stored image at its own size).
         decode: ``"image"``, ``"full"`` (stored size) or ``"features"``; rows look like :func:`make_loader`'s rows.
         lru_size: shards kept open at once.
-        half_features: keep cached features in their stored fp16 (see :class:`RecordDecoder`).
+        half_features, labels: as for :class:`RecordDecoder`.
     """
 
     def __init__(self, root: PathLike, split: str, *, res: int | None = None, decode: str = "image",
-                 lru_size: int = 64, half_features: bool = False) -> None:
+                 lru_size: int = 64, half_features: bool = False, labels: bool = True) -> None:
         try:
             import wids
         except ImportError:
@@ -1056,7 +1061,7 @@ class IndexedShards:
         else:
             index_path = path
         self.index_path = index_path.resolve()
-        self.decoder = RecordDecoder(decode=decode, res=res, half_features=half_features)
+        self.decoder = RecordDecoder(decode=decode, res=res, half_features=half_features, labels=labels)
         self._ds = wids.ShardListDataset(str(self.index_path), localname=_local_shard_name,
                                          transformations=[self._transform], lru_size=lru_size)
 
