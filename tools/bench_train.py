@@ -36,8 +36,10 @@ process, which ignores the time other jobs take the core away; that is meaningfu
 KNN partners read by the workers) and times, interleaved, ``steps`` trainer steps fed by the real loader
 (``<method>-<mode>-loader``) and the same steps on one loader batch held in memory
 (``<method>-<mode>-memory``: the same conversion to the device and ``train_step``, no waiting). It prints the
-ratio loader / memory (median of the per-round ratios) and the share of the loader steps' time spent
-waiting for a batch (``Trainer``'s own data-wait measure, the one logged as ``perf/data_wait``).
+ratio loader / memory (median of the per-round ratios), the share of the loader steps' time spent
+waiting for a batch (``Trainer``'s own data-wait measure, the one logged as ``perf/data_wait``), and CPU
+seconds per step of this process and of the loader's workers: ``workers/step`` is how many cores the input
+path needs per core of training step, which decides the ratio on a machine without free cores.
 
 ``--before REV`` adds our cases once more with the method and loss modules of git revision ``REV``
 (cases ``stego-cached@REV``, ...), so an optimisation is measured before and after in the same run.
@@ -491,6 +493,27 @@ def summarise(samples: dict[str, list[float]], reference: str, before: str | Non
 
 
 # ------------------------------------------------------------------------------- --loader: the input path
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's live child processes (the loader's workers), from Linux's
+    ``/proc``; 0 where there is none."""
+    me, ticks = os.getpid(), 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def loader_bench(args) -> dict:
     """Trainer steps fed by the real loader beside the same steps on a batch held in memory (toy recipes)."""
     from dist_seg.config import merge
@@ -528,6 +551,8 @@ def loader_bench(args) -> dict:
         memory: dict[str, list[float]] = {name: [] for name in runners}
         loader: dict[str, list[float]] = {name: [] for name in runners}
         waits: dict[str, list[float]] = {name: [] for name in runners}
+        # CPU seconds per step: of this process (memory and loader steps) and of the loader's workers.
+        cpu: dict[str, dict[str, list[float]]] = {name: {"memory": [], "loader": [], "workers": []} for name in runners}
         order_rng = random.Random(args.seed)
         for round_index in range(args.warmup + args.repeats):
             cases = [(name, kind) for name in runners for kind in ("memory", "loader")]
@@ -536,13 +561,16 @@ def loader_bench(args) -> dict:
                 trainer, raw, batches = runners[name]
                 sync(device)
                 trainer._data_wait = 0.0
-                start = time.perf_counter()
+                start, start_cpu, start_children = time.perf_counter(), time.process_time(), children_cpu_seconds()
                 for _ in range(args.loader_steps):
                     trainer.train_step(trainer.batch_from(raw) if kind == "memory" else next(batches))
                 sync(device)
                 elapsed = time.perf_counter() - start
                 if round_index < args.warmup:
                     continue
+                cpu[name][kind].append((time.process_time() - start_cpu) / args.loader_steps)
+                if kind == "loader":
+                    cpu[name]["workers"].append((children_cpu_seconds() - start_children) / args.loader_steps)
                 rate = args.loader_steps * args.batch / elapsed
                 (memory if kind == "memory" else loader)[name].append(rate)
                 if kind == "loader":
@@ -553,15 +581,21 @@ def loader_bench(args) -> dict:
                                   for n in runners), flush=True)
         for _, _, batches in runners.values():
             batches.close()  # ends the loader's workers
-    print(f"{'case':>14} {'memory crops/s':>15} {'loader crops/s':>15} {'x memory':>9} {'x min':>6} {'data wait':>10}")
+    print(f"{'':>14} {'--------- wall clock ---------':>48} {'-------- CPU ms per step --------':>34}")
+    print(f"{'case':>14} {'memory crops/s':>15} {'loader crops/s':>15} {'x memory':>9} {'x min':>6} {'data wait':>10} "
+          f"{'memory':>8} {'loader':>8} {'workers':>8}  workers/step")
     for name in runners:
         ratios = [a / b for a, b in zip(loader[name], memory[name])]
+        med = {k: statistics.median(v) for k, v in cpu[name].items()}
         results[name] = {"memory_crops_per_s": memory[name], "loader_crops_per_s": loader[name], "ratios": ratios,
                          "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                         "data_wait": waits[name], "data_wait_median": statistics.median(waits[name])}
+                         "data_wait": waits[name], "data_wait_median": statistics.median(waits[name]),
+                         "cpu_s_per_step": cpu[name], "worker_cpu_per_step_cpu": med["workers"] / med["memory"]}
         r = results[name]
         print(f"{name:>14} {statistics.median(memory[name]):>15.1f} {statistics.median(loader[name]):>15.1f} "
-              f"{r['ratio_median']:>9.2f} {r['ratio_min']:>6.2f} {100 * r['data_wait_median']:>9.1f}%")
+              f"{r['ratio_median']:>9.2f} {r['ratio_min']:>6.2f} {100 * r['data_wait_median']:>9.1f}% "
+              f"{1e3 * med['memory']:>8.1f} {1e3 * med['loader']:>8.1f} {1e3 * med['workers']:>8.1f}  "
+              f"{r['worker_cpu_per_step_cpu']:.2f}")
     return {"device": str(device), "workers": args.workers, "steps_per_round": args.loader_steps,
             "batch": args.batch, "results": results}
 
