@@ -164,14 +164,9 @@ class Trainer:
         method = build_method(cfg, feat_dim=feat_dim, num_classes=self.info.num_classes,
                               has_labels=self.info.has_train_labels)
         self.needs_partners = getattr(method, "needs_partners", True)
+        # Partners are drawn, read and decoded by the training loader's workers (dist_seg.data.partners),
+        # which get the table once, when the loader starts.
         self.knn = self._knn_indices() if self.needs_partners else None
-        if self.needs_partners:
-            from dist_seg.data.shards import IndexedShards
-
-            # Partners are read by global index from the same shards the stream reads (no second copy).
-            cached = cfg.train.mode == "cached"
-            self._indexed = IndexedShards(self.info.cache if cached else cfg.data.root, cfg.data.train_split,
-                                          res=cfg.data.res, decode="features" if cached else "image")
         if getattr(method, "needs_fit", False):
             method.fit(self._fit_features(getattr(method, "fit_samples", 2000)))
         optimizer = method.build_optimizer()
@@ -196,6 +191,10 @@ class Trainer:
         self.assignment: Optional[list] = None  # cluster -> class matching of the latest validation
         self._stop_requested = False
         self.tracker = None
+        # Read at logging/validation/checkpoint steps only (see _check): the first step whose loss was not
+        # finite (-1: none), kept on the device so no step waits for it; seconds spent waiting for batches.
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._data_wait = 0.0
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -239,17 +238,29 @@ class Trainer:
         mine = torch.cat(rows)[:share] if rows else torch.zeros(0, dim)
         return D.all_gather_variable(mine.to(self.device)).cpu()[:num]
 
-    def _loader(self, split: str, *, infinite: bool, shuffle: bool, start_batch: int = 0, val: bool = False):
+    def _loader(self, split: str, *, infinite: bool, shuffle: bool, start_batch: int = 0, val: bool = False,
+                partners: bool = False):
         from dist_seg.data.shards import make_loader
 
         # Validation reads the cache only when it holds the validation split (flipped views at eval_res).
         cached = self.cfg.train.mode == "cached" and (not val or self.info.val_cached)
+        root = self.info.cache if cached else self.cfg.data.root
+        res = self.cfg.data.eval_res if val else self.cfg.data.res
+        decode = "features" if cached else "image"
+        stage = None
+        if partners:
+            from dist_seg.data.partners import PartnerReader
+
+            stage = PartnerReader(self.knn, root=root, split=split, res=res, decode=decode, half_features=True,
+                                  seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
+                                  start_batch=start_batch)
+        # Cached features stay fp16 until they are on the device (half the bytes to copy); pinned batches
+        # make the non_blocking copies to a GPU asynchronous.
         return make_loader(
-            self.info.cache if cached else self.cfg.data.root, split,
-            batch_size=self.local_batch, res=self.cfg.data.eval_res if val else self.cfg.data.res,
+            root, split, batch_size=self.local_batch, res=res,
             num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, shuffle=shuffle,
             infinite=infinite, start_batch=start_batch, shuffle_buffer=self.cfg.data.shuffle_buffer,
-            decode="features" if cached else "image",
+            decode=decode, half_features=True, pin_memory=self.device.type == "cuda", batch_stage=stage,
         )
 
     def _knn_indices(self) -> torch.Tensor:
@@ -261,31 +272,47 @@ class Trainer:
             raise ConfigError(f"the KNN table holds {indices.shape[1]} neighbours but stego.num_neighbors={need}")
         return indices[:, :need]
 
-    def _partners(self, index: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """Features of a KNN partner drawn uniformly from each anchor's first ``num_neighbors`` (SPEC §2)."""
-        choice = torch.randint(self.knn.shape[1], (ctx.global_batch,), generator=ctx.generator("knn"))
-        partner = self.knn[index.cpu(), ctx.local(choice)]
-        fetched = self._indexed.get_batch(partner)
-        if "feat" in fetched:
-            return fetched["feat"].to(self.device).float()
-        return self._features(fetched["image"])
+    def encoded(self, raw: dict, prefix: str = "") -> torch.Tensor:
+        """Frozen features of a loader batch on the device: the backbone's on its images (online), or its
+        cached fp16 features expanded to fp32 there. ``prefix="partner_"`` reads the KNN partners."""
+        if f"{prefix}feat" in raw:
+            return raw[f"{prefix}feat"].to(self.device, non_blocking=True).float()
+        return self._features(raw[f"{prefix}image"])
+
+    def _timed(self, batches) -> Iterator:
+        """Items of ``batches``; the time spent waiting for each is added to ``self._data_wait``."""
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self._data_wait += time.perf_counter() - start
+            yield item
 
     def _batches(self) -> Iterator[Batch]:
         own = self.unwrapped.train_batches(start_step=self.step, local_batch=self.local_batch, device=self.device)
         if own is not None:
-            yield from own
+            yield from self._timed(own)
             return
+        # Batches arrive with each anchor's KNN partner (read in the loader's workers, SPEC §2).
+        loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step,
+                                 partners=self.needs_partners)
+        for raw in self._timed(loader):
+            yield self.batch_from(raw)
+
+    def batch_from(self, raw: dict) -> Batch:
+        """The method's :class:`Batch` of a training loader batch (inputs on the device, copies non-blocking)."""
         from dist_seg.data.transforms import normalize
 
-        cached = self.cfg.train.mode == "cached"
-        loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step)
-        for raw in loader:
-            label = raw["label"].to(self.device) if self.info.has_train_labels else None
-            if self.images_in:
-                yield Batch(images=normalize(raw["image"].to(self.device)), label=label, index=raw["index"])
-                continue
-            feats = raw["feat"].to(self.device).float() if cached else self._features(raw["image"])
-            yield Batch(feats=feats, label=label, index=raw["index"])
+        label = raw["label"].to(self.device, non_blocking=True) if self.info.has_train_labels else None
+        if self.images_in:
+            return Batch(images=normalize(raw["image"].to(self.device, non_blocking=True)), label=label,
+                         index=raw["index"])
+        feats = self.encoded(raw)
+        partner = self.encoded(raw, "partner_") if self.needs_partners else None
+        return Batch(feats=feats, partner_feats=partner, label=label, index=raw["index"])
 
     def _context(self) -> StepContext:
         return StepContext(step=self.step, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world,
@@ -386,7 +413,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
-        log.warning("signal %d received: checkpointing at the end of step %d, then exiting", signum, self.step)
+        log.warning("signal %d received at step %d: checkpointing at the next logging step, then exiting", signum,
+                    self.step)
         self._stop_requested = True
 
     def fit(self) -> dict:
@@ -425,44 +453,29 @@ class Trainer:
                             dynamic_ncols=True, disable=not sys.stderr.isatty())
         self.method.train()
         batches = self._batches() if self.step < cfg.train.num_steps else iter(())
-        t0, steps_timed = time.perf_counter(), 0
-        logs: dict[str, float] = {}
+        window = _Window()
         while self.step < cfg.train.num_steps:
-            batch = next(batches)
-            ctx = self._context()
-            # The global RNG (dropout) is re-seeded from (seed, step, rank) every step: a resumed run draws
-            # exactly the masks of an uninterrupted one, whatever else consumed random numbers in between.
-            torch.manual_seed(D.seeded_generator(cfg.train.seed, self.step, "torch", self.rank).initial_seed())
-            if self.needs_partners:
-                batch.partner_feats = self._partners(batch.index, ctx)
-            self.unwrapped.before_step(self.step, self.optimizer)
-            with self.accelerator.autocast():
-                loss, logs = self.method(batch, ctx)
-            finite = torch.tensor([float(torch.isfinite(loss).all())], device=self.device)
-            if D.all_reduce_sum(finite).item() < self.world:
-                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step}: lower the learning rates, "
-                                    f"enable train.grad_clip, or check the features (mixed precision overflow?)")
-            self._optimise(loss)
-            self.unwrapped.after_step()
-            self.step += 1
-            steps_timed += 1
+            loss, logs = self.train_step(next(batches))
+            window.steps += 1
             if progress is not None:
                 progress.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.num_steps:
-                elapsed = time.perf_counter() - t0
-                metrics = {**_mean_over_ranks({"loss": float(loss.detach()), **logs}, self.device),
-                           "crops_per_s": steps_timed * cfg.data.batch_size / max(elapsed, 1e-9),
-                           **self.unwrapped.extra_logs()}
-                self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", crops_s=f"{metrics['crops_per_s']:.1f}")
-                t0, steps_timed = time.perf_counter(), 0
-            stop = D.broadcast_object(self._stop_requested)
-            at_val_step = cfg.train.val_every and self.step % cfg.train.val_every == 0
-            if at_val_step and self.step < cfg.train.num_steps and not stop:
+            at_log = self.step % cfg.train.log_every == 0 or self.step == cfg.train.num_steps
+            at_val = bool(cfg.train.val_every) and self.step % cfg.train.val_every == 0
+            at_ckpt = self.step % cfg.train.checkpoint_every == 0
+            at_val = at_val and self.step < cfg.train.num_steps
+            at_ckpt = at_ckpt and self.step < cfg.train.num_steps
+            if not (at_log or at_val or at_ckpt):
+                continue  # the device keeps working; the host goes on to the next batch
+            stop = self._check()
+            if at_log:
+                self._log_train(loss, logs, window, progress)
+                window = _Window()
+            paused = time.perf_counter()
+            if at_val and not stop:
                 self._validate_and_select()
-            if stop or (self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.num_steps):
+            if stop or at_ckpt:
                 self.save_checkpoint()
+            window.paused += time.perf_counter() - paused  # validation and checkpoints are not step time
             if stop:
                 self._stop_requested = True
                 if progress is not None:
@@ -477,6 +490,65 @@ class Trainer:
         self.save_checkpoint()
         return {"step": self.step, "stopped": False, "val": result,
                 "metrics": summary(result) if result else {}}
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """One optimiser step on this rank's part of the global batch: ``(loss, logs)``, still on the device.
+
+        The host never waits for the device here (with pinned batches): whether the loss was finite is
+        recorded in a device flag that :meth:`_check` reads at logging, validation and checkpoint steps, and
+        the logs are read at logging steps only.
+        """
+        cfg = self.cfg
+        ctx = self._context()
+        # The global RNG (dropout) is re-seeded from (seed, step, rank) every step: a resumed run draws
+        # exactly the masks of an uninterrupted one, whatever else consumed random numbers in between.
+        torch.manual_seed(D.seeded_generator(cfg.train.seed, self.step, "torch", self.rank).initial_seed())
+        self.unwrapped.before_step(self.step, self.optimizer)
+        with self.accelerator.autocast():
+            loss, logs = self.method(batch, ctx)
+        loss_value = loss.detach()
+        bad = ~torch.isfinite(loss_value).all()
+        self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), self.step, self._first_nonfinite)
+        self._optimise(loss)
+        self.unwrapped.after_step()
+        self.step += 1
+        return loss_value, logs
+
+    def _check(self) -> bool:
+        """Agree over ranks, in one small collective, on the flags the steps since the last check left.
+
+        Raises :class:`TrainingError` when any rank saw a non-finite loss (before anything is validated or
+        checkpointed), and returns whether any rank was asked to stop (SIGTERM).
+        """
+        # MAX over ranks of (_NEVER - first bad step) finds the earliest bad step; 0 means none.
+        bad = torch.where(self._first_nonfinite >= 0, _NEVER - self._first_nonfinite, 0)
+        stop = torch.ones_like(bad) if self._stop_requested else torch.zeros_like(bad)
+        flags = D.all_reduce_max(torch.stack([bad, stop])).tolist()
+        if flags[0] > 0:
+            raise TrainingError(f"non-finite loss at step {_NEVER - flags[0]}: lower the learning rates, enable "
+                                "train.grad_clip, or check the features (mixed precision overflow?)")
+        return bool(flags[1])
+
+    def _log_train(self, loss: torch.Tensor, logs: dict, window: _Window, progress) -> None:
+        """Log the last step's losses (mean over ranks), crops/s and the share of step time spent waiting for
+        data (the largest over ranks: the slowest input holds every rank back)."""
+        cfg = self.cfg
+        elapsed = max(time.perf_counter() - window.start - window.paused, 1e-9)
+        crops_per_s = window.steps * cfg.data.batch_size / elapsed
+        metrics = _mean_over_ranks({"loss": loss, **logs, "crops_per_s": crops_per_s}, self.device)
+        crops_per_s = metrics.pop("crops_per_s")
+        wait = torch.tensor([self._data_wait / elapsed], dtype=torch.float64, device=self.device)
+        data_wait = min(1.0, float(D.all_reduce_max(wait)))
+        self._data_wait = 0.0
+        metrics.update(self.unwrapped.extra_logs())
+        self.tracker.log_metrics({**{f"train/{k}": v for k, v in metrics.items()},
+                                  "perf/crops_per_s": crops_per_s, "perf/data_wait": data_wait}, step=self.step)
+        if progress is not None:
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", crops_s=f"{crops_per_s:.1f}",
+                                 data_wait=f"{100 * data_wait:.0f}%")
+        if self.accelerator.is_main_process:
+            log.info("step %d/%d: loss %.4f, %.1f crops/s, %.0f%% of step time waiting for data", self.step,
+                     cfg.train.num_steps, metrics["loss"], crops_per_s, 100 * data_wait)
 
     def _validate_and_select(self, final: bool = False) -> Optional[dict]:
         from dist_seg.eval.evaluate import save_reports, summary
@@ -526,15 +598,29 @@ def configure_precision(cfg: RunConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+_NEVER = 1 << 62  # larger than any step
+
+
+class _Window:
+    """Steps and wall time since the last logging step (validation and checkpoints excluded)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.paused = 0.0
+
+
 def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
 
 
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def _mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Means over ranks of scalars (floats or 0-dim tensors on any device), read with one device-to-host copy."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    t = torch.stack([torch.as_tensor(values[k]).detach().to(device=device, dtype=torch.float64).reshape(())
+                     for k in keys])
     t = D.all_reduce_sum(t) / D.get_world_size()
     return dict(zip(keys, t.tolist()))
 

@@ -53,6 +53,21 @@ def test_bench_train_runs_every_case_and_reports_ratios(tmp_path, capsys):
     assert "x ref" in printed and "% bound" in printed, "the table must show ratios and bounds"
 
 
+def test_bench_train_loader_times_the_real_input_path(tmp_path, capsys):
+    tool = load_tool("bench_train")
+    out = tmp_path / "loader.json"
+    assert tool.main(["--loader", "--methods", "stego", "--batch", "4", "--workers", "1", "--loader-samples", "16",
+                      "--loader-steps", "2", "--repeats", "2", "--warmup", "0", "--threads", "1",
+                      "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["loader"]["results"]
+    assert set(results) == {"stego-cached", "stego-online"}, sorted(results)
+    for name, entry in results.items():
+        assert len(entry["ratios"]) == 2 and all(map(positive, entry["ratios"])), f"{name}: no loader/memory ratio"
+        assert all(0 <= w <= 1 for w in entry["data_wait"]), f"{name}: data-wait share outside [0, 1]"
+        assert all(c > 0 for c in entry["cpu_s_per_step"]["workers"]), f"{name}: the worker did no work"
+    assert "x memory" in capsys.readouterr().out
+
+
 def test_bench_train_times_a_git_revision_beside_the_work_tree(tmp_path):
     tool = load_tool("bench_train")
     out = tmp_path / "before.json"

@@ -42,8 +42,11 @@ def _rank_main(rank: int, world: int, root: str) -> dict:
     own_shards = [f"{root}/train/shard-{i:06d}.tar" for i in range(3)]
     own, _ = make_loader(own_shards, "train", shuffle=False, infinite=False, nodesplitter=None, **kw)
     out["own"] = sorted(i for b in _indices(own) for i in b)
+    # A finite pass over fewer shards than ranks (validation) is read anyway; a training stream is refused.
+    tiny, out["tiny_n"] = make_loader(root, "tiny", shuffle=False, infinite=False, **kw)
+    out["tiny_pass"] = _indices(tiny)
     try:
-        make_loader(root, "tiny", shuffle=False, infinite=False, **kw)
+        make_loader(root, "tiny", shuffle=True, infinite=True, **kw)
         out["tiny"] = "no error"
     except DataError as err:
         out["tiny"] = str(err)
@@ -94,6 +97,9 @@ def test_two_ranks_two_workers(tmp_path):
     for r in results:
         assert r["own"] == list(range(3 * PER_SHARD)), r["own"]
 
-    # Fewer shards than ranks is an error that names the fix.
+    # Fewer shards than ranks: a finite pass gives rank 0 the one shard and rank 1 nothing (so a validation
+    # split of 1 shard is read whole on 2 ranks); an infinite (training) stream is an error that names the fix.
+    assert [r["tiny_pass"] for r in results] == [[[0, 1, 2]], []], [r["tiny_pass"] for r in results]
+    assert [r["tiny_n"] for r in results] == [1, 0], "announced batch counts must match"
     for r in results:
         assert "shards" in r["tiny"] and "--samples-per-shard" in r["tiny"], r["tiny"]

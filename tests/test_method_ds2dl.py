@@ -283,7 +283,9 @@ def test_logs_and_prediction():
     expected = {"loss", "loss_affinity", "loss_affinity_intra", "loss_affinity_cross", "loss_l2g", "loss_orth",
                 "loss_self_label", "loss_cluster", "loss_linear", "bias", "prototypes_used", "prototype_entropy"}
     assert expected <= set(logs), f"missing logs: {sorted(expected - set(logs))}"
-    assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values()), f"logs must be finite floats: {logs}"
+    # Logs stay on the device as detached 0-dim tensors (the trainer reads them at logging steps only).
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad and math.isfinite(v)
+               for v in logs.values()), f"logs must be finite detached scalars: {logs}"
     out = m.predict(feats)
     assert out["code"].shape == (4, 8, H, W) and out["cluster"].shape == (4, K, H, W)
     assert out["linear"].shape == (4, K, H, W) and out["cluster_probe"].shape == (4, K, H, W)

@@ -32,6 +32,7 @@ def _train_slices(rank: int, world: int, method: str, root: str, out: str) -> di
     os.environ["ACCELERATE_USE_CPU"] = "1"
     from dist_seg import distributed as D
     from dist_seg.config import merge
+    from dist_seg.data.partners import choose_partners
     from dist_seg.data.shards import IndexedShards
     from dist_seg.methods.base import Batch
     from dist_seg.runtime import load_recipe
@@ -52,7 +53,9 @@ def _train_slices(rank: int, world: int, method: str, root: str, out: str) -> di
         raw = images.get_batch(local)
         batch = Batch(feats=trainer._features(raw["image"]), label=raw["label"], index=local)
         if trainer.needs_partners:
-            batch.partner_feats = trainer._partners(batch.index, ctx)
+            partner = choose_partners(trainer.knn.cpu(), local, seed=cfg.train.seed, step=trainer.step, rank=rank,
+                                      world_size=world)
+            batch.partner_feats = trainer._features(images.get_batch(partner)["image"])
         loss, _ = trainer.method(batch, ctx)
         mean = D.all_reduce_sum(loss.detach().clone()) / world
         losses.append(float(mean))

@@ -65,8 +65,9 @@ def test_train_cli_end_to_end(toy_root, tmp_path):
     assert runs.iloc[0]["params.train.num_steps"] == "6"
     for metric in ("metrics.train/loss", "metrics.val/cluster_mIoU", "metrics.final/linear_Acc",
                    "metrics.val/label_free", "metrics.val/cluster_entropy", "metrics.final/cluster_min_share",
-                   "metrics.train/crops_per_s"):
+                   "metrics.perf/crops_per_s", "metrics.perf/data_wait"):
         assert metric in runs.columns and runs.iloc[0][metric] == runs.iloc[0][metric], f"{metric} not logged"
+    assert runs.iloc[0]["metrics.perf/crops_per_s"] > 0 and 0 <= runs.iloc[0]["metrics.perf/data_wait"] <= 1
 
 
 def _run_train(out: Path, root: Path, steps: int, *extra: str, wait: bool = True):

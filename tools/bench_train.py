@@ -31,6 +31,16 @@ crop against the measured memory copy bandwidth. On CPU it also prints crops per
 process, which ignores the time other jobs take the core away; that is meaningful with ``--threads 1``
 (waiting OpenMP threads spin and count as CPU time).
 
+``--loader`` times something else: the real training input path. For each method and mode it builds a
+:class:`~dist_seg.trainer.Trainer` on a generated toy dataset (toy recipe, ``--workers`` loader workers,
+KNN partners read by the workers) and times, interleaved, ``steps`` trainer steps fed by the real loader
+(``<method>-<mode>-loader``) and the same steps on one loader batch held in memory
+(``<method>-<mode>-memory``: the same conversion to the device and ``train_step``, no waiting). It prints the
+ratio loader / memory (median of the per-round ratios), the share of the loader steps' time spent
+waiting for a batch (``Trainer``'s own data-wait measure, the one logged as ``perf/data_wait``), and CPU
+seconds per step of this process and of the loader's workers: ``workers/step`` is how many cores the input
+path needs per core of training step, which decides the ratio on a machine without free cores.
+
 ``--before REV`` adds our cases once more with the method and loss modules of git revision ``REV``
 (cases ``stego-cached@REV``, ...), so an optimisation is measured before and after in the same run.
 
@@ -40,6 +50,7 @@ Examples::
     python tools/bench_train.py --threads 1 --before 005af61                        # before/after a change
     python tools/bench_train.py --device cuda --batch 32 --mixed-precision bf16     # a GPU machine
     python tools/bench_train.py --profile stego-cached                              # torch.profiler table
+    python tools/bench_train.py --loader --workers 2 --threads 1                    # loader vs memory, toy
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from contextlib import nullcontext
@@ -426,7 +438,7 @@ def make_data(backbone: Backbone, *, batch: int, res: int, num_classes: int, see
     feats = [backbone.patch_features(x).cpu() for x in (images, partner_images)]
     # The cache stores fp16 [C, h, w] per crop; the loader hands over contiguous fp32 batches.
     feats = [f.half().float().contiguous() for f in feats]
-    if backbone.mean.device.type == "cuda":  # the loader pins host memory before the copy
+    if backbone.mean.device.type == "cuda":  # as the trainer's loader does on a GPU (make_loader(pin_memory=True))
         images, partner_images, label = images.pin_memory(), partner_images.pin_memory(), label.pin_memory()
         feats = [f.pin_memory() for f in feats]
     return {"images": images, "partner_images": partner_images, "label": label, "feats": feats[0],
@@ -480,6 +492,114 @@ def summarise(samples: dict[str, list[float]], reference: str, before: str | Non
     return out
 
 
+# ------------------------------------------------------------------------------- --loader: the input path
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's live child processes (the loader's workers), from Linux's
+    ``/proc``; 0 where there is none."""
+    me, ticks = os.getpid(), 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def loader_bench(args) -> dict:
+    """Trainer steps fed by the real loader beside the same steps on a batch held in memory (toy recipes)."""
+    from dist_seg.config import merge
+    from dist_seg.data.toy import generate_toy
+    from dist_seg.features import extract
+    from dist_seg.runtime import load_recipe
+    from dist_seg.trainer import Trainer
+
+    repo = Path(__file__).resolve().parent.parent
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        tmp = Path(tmp)
+        generate_toy(tmp / "data", num_train=args.loader_samples, num_val=8,
+                     samples_per_shard=max(1, args.loader_samples // (4 * max(1, args.workers))))
+        extracted = False
+        runners = {}
+        for method in args.methods:
+            for mode in args.modes:
+                cfg = merge(load_recipe(str(repo / "recipes" / f"{method}_toy.py"))(), overrides=[
+                    f"data.root={tmp / 'data'}", f"data.feature_cache={tmp / 'cache'}", f"train.mode={mode}",
+                    f"train.output_dir={tmp / 'run'}", f"data.batch_size={args.batch}",
+                    f"data.num_workers={args.workers}", "tracking.enabled=false", "train.resume=false"])
+                if mode == "cached" and not extracted:
+                    extract(cfg, splits=["train"])
+                    extracted = True
+                trainer = Trainer(cfg)
+                trainer.method.train()
+                held, _ = trainer._loader(cfg.data.train_split, infinite=True, shuffle=True,
+                                          partners=trainer.needs_partners)
+                first = iter(held)
+                raw = next(first)
+                del first  # its workers end here
+                runners[f"{method}-{mode}"] = (trainer, raw, trainer._batches())
+        device = next(iter(runners.values()))[0].device
+        memory: dict[str, list[float]] = {name: [] for name in runners}
+        loader: dict[str, list[float]] = {name: [] for name in runners}
+        waits: dict[str, list[float]] = {name: [] for name in runners}
+        # CPU seconds per step: of this process (memory and loader steps) and of the loader's workers.
+        cpu: dict[str, dict[str, list[float]]] = {name: {"memory": [], "loader": [], "workers": []} for name in runners}
+        order_rng = random.Random(args.seed)
+        for round_index in range(args.warmup + args.repeats):
+            cases = [(name, kind) for name in runners for kind in ("memory", "loader")]
+            order_rng.shuffle(cases)
+            for name, kind in cases:
+                trainer, raw, batches = runners[name]
+                sync(device)
+                trainer._data_wait = 0.0
+                start, start_cpu, start_children = time.perf_counter(), time.process_time(), children_cpu_seconds()
+                for _ in range(args.loader_steps):
+                    trainer.train_step(trainer.batch_from(raw) if kind == "memory" else next(batches))
+                sync(device)
+                elapsed = time.perf_counter() - start
+                if round_index < args.warmup:
+                    continue
+                cpu[name][kind].append((time.process_time() - start_cpu) / args.loader_steps)
+                if kind == "loader":
+                    cpu[name]["workers"].append((children_cpu_seconds() - start_children) / args.loader_steps)
+                rate = args.loader_steps * args.batch / elapsed
+                (memory if kind == "memory" else loader)[name].append(rate)
+                if kind == "loader":
+                    waits[name].append(trainer._data_wait / elapsed)
+            if round_index >= args.warmup:
+                print(f"# round {round_index - args.warmup + 1}/{args.repeats}: "
+                      + ", ".join(f"{n} {loader[n][-1] / memory[n][-1]:.2f}x wait {100 * waits[n][-1]:.0f}%"
+                                  for n in runners), flush=True)
+        for _, _, batches in runners.values():
+            batches.close()  # ends the loader's workers
+    print(f"{'':>14} {'--------- wall clock ---------':>48} {'-------- CPU ms per step --------':>34}")
+    print(f"{'case':>14} {'memory crops/s':>15} {'loader crops/s':>15} {'x memory':>9} {'x min':>6} {'data wait':>10} "
+          f"{'memory':>8} {'loader':>8} {'workers':>8}  workers/step")
+    for name in runners:
+        ratios = [a / b for a, b in zip(loader[name], memory[name])]
+        med = {k: statistics.median(v) for k, v in cpu[name].items()}
+        results[name] = {"memory_crops_per_s": memory[name], "loader_crops_per_s": loader[name], "ratios": ratios,
+                         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                         "data_wait": waits[name], "data_wait_median": statistics.median(waits[name]),
+                         "cpu_s_per_step": cpu[name], "worker_cpu_per_step_cpu": med["workers"] / med["memory"]}
+        r = results[name]
+        print(f"{name:>14} {statistics.median(memory[name]):>15.1f} {statistics.median(loader[name]):>15.1f} "
+              f"{r['ratio_median']:>9.2f} {r['ratio_min']:>6.2f} {100 * r['data_wait_median']:>9.1f}% "
+              f"{1e3 * med['memory']:>8.1f} {1e3 * med['loader']:>8.1f} {1e3 * med['workers']:>8.1f}  "
+              f"{r['worker_cpu_per_step_cpu']:.2f}")
+    return {"device": str(device), "workers": args.workers, "steps_per_round": args.loader_steps,
+            "batch": args.batch, "results": results}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="dino_vits8", choices=[b for b in BACKBONES if b != "toy"] + ["toy"])
@@ -503,6 +623,12 @@ def main(argv=None) -> int:
                         help="print a torch.profiler table for CASE (e.g. stego-cached, reference) and exit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--loader", action="store_true",
+                        help="time trainer steps fed by the real loader beside the same steps on a batch in memory "
+                             "(toy recipes and data; see the module docstring)")
+    parser.add_argument("--workers", type=int, default=2, help="--loader: loader worker processes")
+    parser.add_argument("--loader-steps", type=int, default=20, help="--loader: steps per timing")
+    parser.add_argument("--loader-samples", type=int, default=256, help="--loader: toy training images written")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -512,6 +638,20 @@ def main(argv=None) -> int:
     amp = resolve_dtype(args.mixed_precision)
     if amp is not None and device.type != "cuda":
         parser.error("--mixed-precision needs --device cuda (CPU steps run in fp32)")
+    if args.loader:
+        info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                "machine": machine(device), "code": code_version()}
+        print(f"# {info['machine']}")
+        print(f"# code: {info['code']}")
+        print(f"# --loader: toy recipes, batch {args.batch}, {args.workers} workers, "
+              f"{args.loader_steps} steps a timing")
+        info["loader"] = loader_bench(args)
+        info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+        text = json.dumps(info, indent=2)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+        return 0
     cfg = RunConfig(num_classes=args.num_classes)
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "machine": machine(device), "backbone": f"{args.backbone} ({RANDOM_INIT})", "res": args.res,

@@ -479,16 +479,22 @@ class RecordDecoder:
     stages that need whole images (MaskRCNN's detection data).
     ``decode="features"``: ``feat`` float32 ``[C, h, w]``, ``gap`` float32 ``[C]``, ``label`` int64 at
     its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``; validation
-    caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop).
+    caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop). With
+    ``half_features`` ``feat`` and ``feat_flip`` keep the fp16 they are stored in, so half the bytes cross to
+    the device, where the reader expands them. ``labels=False`` skips the label PNG (rows then carry an
+    all-ignore label): KNN partners need none, and decoding it is a third of a small record's cost.
     """
 
-    def __init__(self, *, decode: str = "image", res: int | None = None) -> None:
+    def __init__(self, *, decode: str = "image", res: int | None = None, half_features: bool = False,
+                 labels: bool = True) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if decode == "image" and res is not None and res < 1:
             raise ValueError("decode='image' needs a positive res (or None for the full image)")
         self.mode = decode
         self.res = res
+        self.feat_dtype = np.float16 if half_features else np.float32
+        self.labels = labels
         self._decoder = wds.Decoder(
             [wds.handle_extension("label.png", decode_label_png), wds.imagehandler("rgb8")],
             only=["jpg", "png", "label.png", "feat.npy", "gap.npy", "feat_flip.npy"],
@@ -499,6 +505,8 @@ class RecordDecoder:
         meta = raw.get("__meta__")
         if meta is None:
             meta = _parse_meta(raw)
+        if not self.labels:
+            raw = {k: v for k, v in raw.items() if k != "label.png"}
         sample = self._decoder(raw)
         label = sample.get("label.png")
         out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64)}
@@ -524,7 +532,7 @@ class RecordDecoder:
             feat = sample.get("feat.npy")
             if feat is None:
                 raise DataError(f"record {raw.get('__key__')} has no feat.npy (is this a feature shard?)")
-            out["feat"] = torch.from_numpy(np.array(feat, dtype=np.float32))
+            out["feat"] = torch.from_numpy(np.array(feat, dtype=self.feat_dtype))
             gap = sample.get("gap.npy")
             if gap is None:
                 raise DataError(f"record {raw.get('__key__')} has no gap.npy")
@@ -534,7 +542,7 @@ class RecordDecoder:
             # Validation caches also hold the flipped view's features and the crop itself (CRF, overlays).
             flipped = sample.get("feat_flip.npy")
             if flipped is not None:
-                out["feat_flip"] = torch.from_numpy(np.array(flipped, dtype=np.float32))
+                out["feat_flip"] = torch.from_numpy(np.array(flipped, dtype=self.feat_dtype))
             image = sample.get("png", sample.get("jpg"))
             if image is not None:
                 image = np.require(image, dtype=np.uint8, requirements=["C", "W"])
@@ -847,6 +855,9 @@ def make_loader(
     epoch: int = 0,
     multiprocessing_context: str | None = None,
     nodesplitter: Callable | None = wds.split_by_node,
+    pin_memory: bool = False,
+    half_features: bool = False,
+    batch_stage: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
 ) -> tuple[wds.WebLoader, int | None]:
     """Stream a split as batches with ``webdataset``.
 
@@ -882,6 +893,11 @@ def make_loader(
         nodesplitter: how shards are divided between ranks: ``wds.split_by_node`` (rank ``r`` of ``W``
             reads shards ``r, r+W, ...`` of each epoch's order; batch counts and resume assume this), or
             None to let every rank read all the given shards (e.g. a rank working through its own list).
+        pin_memory: hand batches over in page-locked memory (set it when they go to a GPU: only then is a
+            ``non_blocking`` copy asynchronous).
+        half_features: keep cached features in their stored fp16 (see :class:`RecordDecoder`).
+        batch_stage: a further stage applied to the batches inside the worker that made them (e.g.
+            :class:`dist_seg.data.partners.PartnerReader`).
 
     Returns:
         ``(loader, num_batches)``: batches are dicts of ``image`` uint8 ``[B, 3, res, res]``, ``label``
@@ -892,7 +908,8 @@ def make_loader(
         ``num_workers`` (after any reduction), ``dataset`` (the source stage) and ``set_epoch``.
 
     Raises:
-        DataError: missing dataset, or fewer shards than ranks.
+        DataError: missing dataset, or an infinite (training) stream with fewer shards than ranks. A finite
+            pass (validation) over fewer shards than ranks is read anyway: ranks without a shard yield nothing.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -906,17 +923,22 @@ def make_loader(
     if nodesplitter is None:
         rank, world_size = 0, 1  # every rank reads every given shard, as a single process would
     num_shards = len(shards.urls)
-    if num_shards < world_size:
+    if num_shards < world_size and infinite:
         raise DataError(f"split '{split}' has {num_shards} shards but there are {world_size} ranks; every rank needs "
-                        "at least one shard: re-run `dist-seg prepare` with a smaller --samples-per-shard")
-    if num_shards < world_size * max(1, num_workers):
-        reduced = num_shards // world_size
-        log.warning("split '%s' has %d shards, fewer than %d ranks x %d workers; using %d workers per rank "
+                        "at least one shard of a training split: re-run `dist-seg prepare` with a smaller "
+                        "--samples-per-shard")
+    if num_shards < world_size:
+        # A finite pass (validation) is summed over ranks: a rank without a shard simply contributes nothing.
+        log.info("split '%s' has %d shards for %d ranks: rank %d reads %s", split, num_shards, world_size, rank,
+                 "one" if rank < num_shards else "none (it contributes nothing to this pass)")
+    if num_workers > 0 and num_shards < world_size * num_workers:
+        reduced = max(num_shards // world_size, int(rank < num_shards))
+        log.warning("split '%s' has %d shards, fewer than %d ranks x %d workers; using %d workers on rank %d "
                     "(write more, smaller shards with --samples-per-shard to use more)",
-                    split, num_shards, world_size, num_workers, reduced)
-        num_workers = reduced if num_workers > 0 else 0
+                    split, num_shards, world_size, num_workers, reduced, rank)
+        num_workers = reduced
     streams = max(1, num_workers)
-    assert num_shards >= world_size * streams, (
+    assert num_shards >= world_size * streams or not infinite, (
         f"{num_shards} shards cannot feed {world_size} ranks x {streams} workers")
 
     per_worker_samples: list[int] | None = None
@@ -949,16 +971,19 @@ def make_loader(
         nodesplitter=nodesplitter,
     )
     counter = source.skip_counter
-    pipeline = wds.DataPipeline(
+    stages = [
         source,
-        wds.map(RecordDecoder(decode=decode, res=res), handler=counter.sample_handler),
+        wds.map(RecordDecoder(decode=decode, res=res, half_features=half_features), handler=counter.sample_handler),
         wds.batched(batch_size, collation_fn=_collate, partial=not drop_last),
-    )
+    ]
+    if batch_stage is not None:
+        stages.append(batch_stage)
     loader = wds.WebLoader(
-        pipeline,
+        wds.DataPipeline(*stages),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         worker_init_fn=functools.partial(_export_rank, rank, world_size) if num_workers > 0 else None,
         persistent_workers=False,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
@@ -1014,10 +1039,11 @@ class IndexedShards:
         res: output side for ``decode="image"`` (None: the stored image at its own size).
         decode: ``"image"``, ``"full"`` (stored size) or ``"features"``; rows look like :func:`make_loader`'s rows.
         lru_size: shards kept open at once.
+        half_features, labels: as for :class:`RecordDecoder`.
     """
 
     def __init__(self, root: PathLike, split: str, *, res: int | None = None, decode: str = "image",
-                 lru_size: int = 64) -> None:
+                 lru_size: int = 64, half_features: bool = False, labels: bool = True) -> None:
         try:
             import wids
         except ImportError:
@@ -1035,7 +1061,7 @@ class IndexedShards:
         else:
             index_path = path
         self.index_path = index_path.resolve()
-        self.decoder = RecordDecoder(decode=decode, res=res)
+        self.decoder = RecordDecoder(decode=decode, res=res, half_features=half_features, labels=labels)
         self._ds = wids.ShardListDataset(str(self.index_path), localname=_local_shard_name,
                                          transformations=[self._transform], lru_size=lru_size)
 

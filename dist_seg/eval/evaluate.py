@@ -64,7 +64,9 @@ def cached_feature_fn(device: torch.device) -> FeatureFn:
     def fn(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "feat_flip" not in batch:
             raise KeyError("this feature cache has no flipped validation features; re-run `dist-seg extract`")
-        return batch["feat"].to(device).float(), batch["feat_flip"].to(device).float()
+        # The cache's fp16 crosses to the device as it is stored and is expanded there.
+        return (batch["feat"].to(device, non_blocking=True).float(),
+                batch["feat_flip"].to(device, non_blocking=True).float())
 
     return fn
 
@@ -125,7 +127,7 @@ def evaluate(
         pool = CRFPool(crf_workers).__enter__()
     try:
         for batch in batches:
-            label = batch["label"].to(device)
+            label = batch["label"].to(device, non_blocking=True)
             feats, flipped = feature_fn(batch)
             code = tta_code(method, feats, flipped if flip_tta else None)
             if label_free is not None:
@@ -289,7 +291,7 @@ def validate_run(method: Method, cfg, info, *, device: torch.device, local_batch
         info.cache if cached else cfg.data.root, cfg.data.val_split,
         batch_size=local_batch, res=cfg.data.eval_res, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         shuffle=False, infinite=False, start_batch=0, shuffle_buffer=cfg.data.shuffle_buffer,
-        decode="features" if cached else "image",
+        decode="features" if cached else "image", half_features=True, pin_memory=device.type == "cuda",
     )
     if method.inputs == "images":
         feature_fn = image_feature_fn(device)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_seg import distributed as D
+from dist_seg.methods.base import to_device
 
 DEGENERATE = -1.0
 
@@ -127,16 +128,20 @@ class LabelFreeMeter:
 
     def _keep(self, features: torch.Tensor, clusters: torch.Tensor, priority: torch.Tensor) -> None:
         if priority.numel() > self.max_samples:
+            # Priorities live on the host (a CPU generator, so the sample does not depend on the device);
+            # the pixels stay where they were computed and only the kept rows are indexed there.
             priority, order = torch.topk(priority, self.max_samples, largest=False)
+            order = to_device(order, features.device)
             features, clusters = features[order], clusters[order]
         self._features, self._clusters, self._priority = features, clusters, priority
 
     def update(self, features: torch.Tensor, cluster_scores: torch.Tensor) -> None:
         """Add a batch: ``features [B, C, h, w]`` and ``cluster_scores [B, K, H, W]`` (see
-        :func:`collect_for_label_free`)."""
+        :func:`collect_for_label_free`). The subsample is taken on the features' device; nothing is copied
+        to the host before :meth:`compute`."""
         self._num_clusters = int(cluster_scores.shape[1])
         pixels, clusters = collect_for_label_free(features.detach(), cluster_scores.detach())
-        pixels, clusters = pixels.float().cpu(), clusters.cpu()
+        pixels = pixels.float()
         priority = torch.rand(pixels.shape[0], generator=self._generator)
         if self._priority is not None:
             pixels = torch.cat([self._features, pixels])
@@ -147,7 +152,8 @@ class LabelFreeMeter:
     def compute(self) -> float:
         """The cluster-balanced silhouette (see :func:`feature_silhouette`) of the kept pixels of all ranks,
         over the K' clusters the scores had. A collective: every rank must call it."""
-        parts = D.all_gather_object((self._features, self._clusters, self._priority, self._num_clusters))
+        kept = (None, None) if self._features is None else (self._features.cpu(), self._clusters.cpu())
+        parts = D.all_gather_object((*kept, self._priority, self._num_clusters))
         parts = [p for p in parts if p[0] is not None]
         if not parts:
             return DEGENERATE

@@ -77,11 +77,24 @@ class Batch:
     targets: Optional[list[dict]] = None
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a tensor made on the host to ``device`` without making the host wait for the device.
+
+    Draws that must not depend on the device (coordinates, derangements: CPU generators seeded by
+    ``(seed, step)``) are made on the host; a copy from pageable memory would synchronise the stream, so
+    the tensor is pinned first when it goes to a GPU.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def sample_coords(ctx: StepContext, num_samples: int, purpose: str, device: torch.device) -> torch.Tensor:
     """Uniform coordinates in [-1, 1]² for this rank's images: ``[b, S, S, 2]`` (drawn for the global batch)."""
     gen = ctx.generator(purpose)
     coords = torch.rand((ctx.global_batch, num_samples, num_samples, 2), generator=gen) * 2 - 1
-    return ctx.local(coords).to(device)
+    return to_device(ctx.local(coords).contiguous(), device)
 
 
 def grid_sample(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -153,11 +166,13 @@ class Method(nn.Module):
         """One optimiser with a parameter group per component (each group has a ``name`` key)."""
         raise NotImplementedError
 
-    def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Total loss of this rank's part of the global batch, and scalar logs (per-term losses, ...).
 
         The loss is a mean over this rank's anchors, so DDP's gradient averaging yields the gradient of
-        the mean over the global batch.
+        the mean over the global batch. Logs are detached 0-dim tensors left on the device (or floats known
+        on the host): reading a device value waits for the device, so the trainer reads them at logging
+        steps only.
         """
         raise NotImplementedError
 

@@ -57,12 +57,12 @@ class BaselineMethod(Method):
     def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         code = self.encode(batch.feats).detach()
         loss_cluster = self.cluster_probe.loss(code)
-        logs = {"loss_cluster": float(loss_cluster.detach())}
+        logs = {"loss_cluster": loss_cluster.detach()}
         loss = loss_cluster
         if self.linear_probe is not None and batch.label is not None:
             loss_linear = self.linear_probe.loss(code, batch.label)
             loss = loss + loss_linear
-            logs["loss_linear"] = float(loss_linear.detach())
+            logs["loss_linear"] = loss_linear.detach()
         elif self.linear_probe is not None:  # keeps the probe in the graph (find_unused_parameters=False)
             loss = loss + sum(p.sum() for p in self.linear_probe.parameters()) * 0.0
         return loss, logs

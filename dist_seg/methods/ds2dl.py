@@ -37,7 +37,7 @@ from dist_seg.losses.ds2dl import (
     self_label_loss,
     sinkhorn,
 )
-from dist_seg.methods.base import Batch, Method, StepContext, grid_sample, sample_coords
+from dist_seg.methods.base import Batch, Method, StepContext, grid_sample, sample_coords, to_device
 
 __all__ = ["DS2DLMethod"]
 
@@ -117,7 +117,7 @@ class DS2DLMethod(Method):
         ``loss_cluster`` / ``loss_linear``), the affinity ``bias``, and prototype usage over the global
         batch under ``argmax inner_g``: ``prototypes_used`` (how many own at least one pixel) and
         ``prototype_entropy`` (entropy of the assignment histogram in nats; ``log K`` when balanced, 0 at
-        collapse).
+        collapse); all as detached fp32 0-dim tensors.
         """
         if batch.feats.dim() != 4 or batch.feats.shape[0] != ctx.local_batch:
             raise ValueError(
@@ -178,10 +178,8 @@ class DS2DLMethod(Method):
         terms["bias"] = self.bias
 
         terms["prototypes_used"], terms["prototype_entropy"] = self._prototype_usage(inner_g_const)
-        names = list(terms)
-        # One device→host copy for all logs.
-        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
-        return total, dict(zip(names, values))
+        # Logs stay on the device: the trainer reads them at logging steps only.
+        return total, {k: t.detach().float().reshape(()) for k, t in terms.items()}
 
     def _affinity(
         self, feats: torch.Tensor, x: torch.Tensor, label_feat: torch.Tensor, ctx: StepContext
@@ -207,7 +205,7 @@ class DS2DLMethod(Method):
             )
         if use_cross:
             perm = D.derangement(ctx.global_batch, ctx.generator("cross"))
-            partner = ctx.local(perm).to(x.device)
+            partner = to_device(ctx.local(perm), x.device)
             # The partner's label features are trained through this rank's loss too, so they are gathered
             # with gradient; the backbone side is a constant (the code side, in the first reading, is not).
             gather_sim = D.all_gather if c.affinity_target == "backbone" else D.all_gather_with_grad

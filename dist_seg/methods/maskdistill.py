@@ -248,9 +248,9 @@ class MaskDistillMethod(Method):
             loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
             if not (target != IGNORE_INDEX).any():
                 loss = logits.sum() * 0.0
-            return loss, {"loss_linear": float(loss.detach())}
+            return loss, {"loss_linear": loss.detach()}
         loss = ohem_cross_entropy(logits, target, top_fraction=dc.top_fraction, ignore_index=IGNORE_INDEX)
-        return loss, {"loss_ohem": float(loss.detach())}
+        return loss, {"loss_ohem": loss.detach()}
 
     # ----------------------------------------------------------------------------------- prediction
     def encode(self, feats: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ class MaskRCNNMethod(Method):
     def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         losses = self.model(batch.images, batch.targets)
         total = sum(losses.values())
-        return total, {k: float(v.detach()) for k, v in sorted(losses.items())}
+        return total, {k: v.detach() for k, v in sorted(losses.items())}
 
     def extra_logs(self) -> dict[str, float]:
         return {"lr": self._last_lr, "skipped_images": float(self.data.num_skipped)}

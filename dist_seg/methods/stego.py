@@ -36,7 +36,7 @@ from dist_seg.losses.stego import (
     norm,
     stacked_correlation_term,
 )
-from dist_seg.methods.base import Batch, Method, StepContext, grid_sample, sample_coords
+from dist_seg.methods.base import Batch, Method, StepContext, grid_sample, sample_coords, to_device
 
 __all__ = ["StegoMethod"]
 
@@ -141,9 +141,9 @@ class StegoMethod(Method):
             # Gathering the sampled (not full-grid) tensors keeps the traffic at O(G·C·S²) per step.
             f2_all = D.all_gather(f2)
             c2_all = D.all_gather_with_grad(norm(grid_sample(code, coords2)))
-            perms = torch.stack(
+            perms = to_device(torch.stack(
                 [ctx.local(D.derangement(ctx.global_batch, ctx.generator("neg", n))) for n in range(sc.neg_samples)]
-            ).to(device)
+            ), device)
             fneg, cneg = f2_all[perms], c2_all[perms]  # [n, b, ., S, S]
 
         means: dict[str, torch.Tensor | None] = {"self": None, "knn": None, "rand": None}
@@ -202,21 +202,20 @@ class StegoMethod(Method):
             losses["loss_linear_unused"] = sum(p.sum() for p in self.linear_probe.parameters()) * 0.0
         return losses
 
-    def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Correlation loss plus probe losses (probes see only the detached code).
 
         Logs: ``loss_stego`` (the weighted correlation loss), ``loss_self``/``loss_knn``/``loss_rand`` (unweighted
         term means), ``cd_self``/``cd_knn``/``cd_rand`` (mean code correlations), ``loss_cluster`` and
-        ``loss_linear``; terms that were not computed are absent.
+        ``loss_linear``, as detached 0-dim tensors; terms that were not computed are absent.
         """
         loss, terms, code = self.correlation_loss(batch, ctx)
         probes = self.probe_losses(code, batch.label)
         total = loss + sum(probes.values())
         logged = {"loss_stego": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         logged.update({k: v.detach() for k, v in probes.items() if not k.endswith("_unused")})
-        # One device→host copy for all logs.
-        values = torch.stack([v.float() for v in logged.values()]).tolist()
-        return total, dict(zip(logged.keys(), values))
+        # Logs stay on the device: the trainer reads them at logging steps only.
+        return total, logged
 
     # ----------------------------------------------------------------------------------- prediction
     def encode(self, feats: torch.Tensor) -> torch.Tensor:
