@@ -141,6 +141,7 @@ class TrainConfig:
     deterministic: bool = False
     mode: str = "online"
     mixed_precision: str = "no"
+    device: str = "auto"  # auto: what Accelerate picks; cuda: stop with an error unless CUDA is usable; cpu
     grad_clip: Optional[float] = None
     deepspeed_config: Optional[str] = None
     output_dir: str = "runs/default"
@@ -199,6 +200,7 @@ _CHOICES = {
     ("ds2dl", "affinity_target"): ("backbone", "code"),
     ("train", "mode"): ("online", "cached"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "device"): ("auto", "cuda", "cpu"),
     ("maskdistill", "detect", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "student"): ("deeplab", "head"),
