@@ -94,7 +94,7 @@ def _faiss():
     try:
         import faiss
     except ImportError as err:
-        raise ImportError("the faiss backends need faiss: pip install 'dist_seg[faiss-cpu]' (CPU) or "
+        raise ImportError("the faiss backends need faiss: pip install 'dist_seg[cpu]' (CPU) or "
                           "faiss-gpu-cu12 (GPU, see docs/scaling.md)") from err
     return faiss
 
@@ -241,7 +241,7 @@ def choose_backend(requested: str, device_type: str, env: FaissEnvironment) -> t
                              "default) or see docs/scaling.md, 'GPU install'")
         return "faiss-gpu", "faiss-gpu (asked for)" + (f"; warning: {problem}" if declared_unknown else "")
     if requested == "faiss" and not env.importable:
-        raise ValueError("backend 'faiss' needs faiss: pip install 'dist_seg[faiss-cpu]'; or use backend='torch'")
+        raise ValueError("backend 'faiss' needs faiss: pip install 'dist_seg[cpu]'; or use backend='torch'")
     return requested, f"{requested} (asked for)"
 
 

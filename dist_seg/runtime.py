@@ -130,8 +130,9 @@ def cuda_problem(facts: CudaFacts) -> Optional[str]:
         if facts.driver_cuda[0] == build[0]:
             fix = f"update the NVIDIA driver to one for CUDA {facts.cuda_build}"
         elif facts.driver_cuda[0] == 12:
-            fix = ("install torch from the CUDA 12 index (pip install torch torchvision --index-url "
-                   "https://download.pytorch.org/whl/cu126) or update the driver to R580+ for CUDA 13")
+            fix = ("install torch built for CUDA 12 (pip install torch torchvision --index-url "
+                   "https://download.pytorch.org/whl/cu128, or the cu12x index pytorch.org lists for your torch) "
+                   "or update the driver to R580+ for CUDA 13")
         else:
             fix = (f"update the NVIDIA driver to one for CUDA {facts.cuda_build} (or install a torch built for "
                    f"CUDA {have})")

@@ -42,7 +42,7 @@ def test_cuda_problem_names_the_cause_and_both_versions():
     assert cuda_problem(facts()) is None
     old_driver = cuda_problem(facts(driver_cuda=(12, 4), available=False, device_count=0))
     assert "driver supports CUDA up to 12.4 but this torch (2.11.0+cu130) is built for CUDA 13.0" in old_driver
-    assert "https://download.pytorch.org/whl/cu126" in old_driver and "R580" in old_driver
+    assert "https://download.pytorch.org/whl/cu128" in old_driver and "R580" in old_driver
     no_driver = cuda_problem(facts(driver_cuda=None, available=False, device_count=0))
     assert "no NVIDIA driver or GPU found" in no_driver and "ACCELERATE_USE_CPU=1" in no_driver
     cpu_build = cuda_problem(facts(torch_version="2.11.0+cpu", cuda_build=None, available=False, device_count=0))

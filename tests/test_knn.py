@@ -140,7 +140,7 @@ def test_backend_without_faiss_is_torch_everywhere():
     assert K.choose_backend("auto", "cpu", env) == ("torch", "exact torch search")
     backend, why = K.choose_backend("auto", "cuda", env)
     assert backend == "torch" and "no GPU build of faiss is installed" in why
-    with pytest.raises(ValueError, match="needs faiss: pip install 'dist_seg\\[faiss-cpu\\]'"):
+    with pytest.raises(ValueError, match="needs faiss: pip install 'dist_seg\\[cpu\\]'"):
         K.choose_backend("faiss", "cpu", env)
     with pytest.raises(ValueError, match="no GPU build of faiss"):
         K.choose_backend("faiss-gpu", "cuda", env)
