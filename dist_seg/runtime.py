@@ -102,6 +102,22 @@ def driver_cuda_version() -> Optional[tuple[int, int]]:
     return version.value // 1000, (version.value % 1000) // 10
 
 
+def driver_release() -> Optional[str]:
+    """The NVIDIA driver's release (``580.159.03``) from NVML (``libnvidia-ml.so.1``); None without a driver."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        buf = ctypes.create_string_buffer(96)
+        ok = nvml.nvmlSystemGetDriverVersion(buf, ctypes.c_uint(96)) == 0
+        nvml.nvmlShutdown()
+        return buf.value.decode() if ok else None
+    except (OSError, AttributeError):
+        return None
+
+
 def cuda_facts() -> CudaFacts:
     """This process's :class:`CudaFacts`."""
     import torch

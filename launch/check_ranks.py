@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from dist_seg.runtime import check_process_group, cuda_facts, cuda_problem
+    from dist_seg.runtime import check_process_group, cuda_facts, cuda_problem, driver_release
 
     accelerator = Accelerator()
     facts = cuda_facts()
     driver = "none" if facts.driver_cuda is None else f"{facts.driver_cuda[0]}.{facts.driver_cuda[1]}"
-    cuda = f"torch={facts.torch_version} cuda_build={facts.cuda_build} driver_cuda={driver}"
+    cuda = f"torch={facts.torch_version} cuda_build={facts.cuda_build} driver={driver_release()} driver_cuda={driver}"
     if accelerator.device.type == "cuda":
         index = accelerator.device.index or 0
         major, minor = torch.cuda.get_device_capability(index)

@@ -152,7 +152,7 @@ def environment(check: Check) -> dict:
     import importlib.metadata as md
 
     from dist_seg.knn import choose_backend, faiss_environment
-    from dist_seg.runtime import cuda_facts, cuda_problem
+    from dist_seg.runtime import cuda_facts, cuda_problem, driver_release
 
     versions = {}
     for name in PACKAGES:
@@ -166,6 +166,7 @@ def environment(check: Check) -> dict:
     out = {"status": "ok", "python": sys.version.split()[0], "packages": versions,
            "faiss_distributions": dict(faiss_env.distributions),
            "cuda_available": facts.available, "torch_cuda_build": facts.cuda_build,
+           "driver": driver_release(),
            "driver_cuda": None if facts.driver_cuda is None else "{}.{}".format(*facts.driver_cuda),
            "cuda_problem": cuda_problem(facts), "compiled_archs": torch.cuda.get_arch_list(),
            "knn_auto_backend": dict(zip(("backend", "why"), choose_backend("auto", device.type, faiss_env)))}
