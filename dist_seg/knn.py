@@ -227,6 +227,8 @@ def choose_backend(requested: str, device_type: str, env: FaissEnvironment) -> t
         elif env.capability is not None:
             problem = ("the installed faiss declares no compute-capability range, so whether it has kernels for "
                        f"this GPU ({_fmt(env.capability)}) is unknown; pass backend=faiss-gpu to use it anyway")
+        else:
+            problem = "the GPU's compute capability could not be read"
     if requested == "auto":
         if device_type == "cuda" and problem is None:
             return "faiss-gpu", "faiss-gpu: " + ", ".join(f"{d} {env.distributions.get(d, '')}".strip()

@@ -159,6 +159,7 @@ def test_backend_gpu_faiss_that_supports_the_device():
     assert backend == "faiss-gpu" and why == "faiss-gpu: faiss-gpu-cu12 1.14.1.post1 supports this GPU (8.0)"
     assert K.choose_backend("faiss-gpu", "cuda", gpu_env(AMPERE))[0] == "faiss-gpu"
     assert K.choose_backend("auto", "cpu", gpu_env(None))[0] == "torch"  # CPU tensors: torch
+    assert K.choose_backend("auto", "cuda", gpu_env(None))[0] == "torch"  # capability unknown: never blindly
 
 
 def test_backend_gpu_faiss_without_kernels_for_the_device():
