@@ -148,6 +148,7 @@ class TrainConfig:
     # TF32 for float32 matmuls and convolutions on CUDA (the head, losses, probes); the exact KNN search
     # always runs in full float32 whatever this says (dist_seg.knn._full_precision_matmul).
     allow_tf32: bool = True
+    device: str = "auto"  # auto: what Accelerate picks; cuda: stop with an error unless CUDA is usable; cpu
     grad_clip: Optional[float] = None
     deepspeed_config: Optional[str] = None
     # Process-group timeout: how long a collective waits for a rank busy alone (rank 0 merging MaskDistill
@@ -210,6 +211,7 @@ _CHOICES = {
     ("train", "mode"): ("online", "cached"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("backbone", "dtype"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "device"): ("auto", "cuda", "cpu"),
     ("maskdistill", "detect", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "init"): ("ssl", "random"),
     ("maskdistill", "distil", "student"): ("deeplab", "head"),

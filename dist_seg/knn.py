@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 
 from dist_seg import distributed as D
 
-__all__ = ["BACKENDS", "distributed_knn", "knn"]
+__all__ = ["BACKENDS", "FaissEnvironment", "choose_backend", "distributed_knn", "faiss_environment", "knn"]
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +93,176 @@ def _default_budget(device: torch.device) -> int:
 def _faiss():
     try:
         import faiss
-    except ImportError as err:  # pragma: no cover - faiss-cpu is a dependency
-        raise ImportError("the faiss backends need faiss: pip install faiss-cpu (or faiss-gpu-cu12)") from err
+    except ImportError as err:
+        raise ImportError("the faiss backends need faiss: pip install 'dist_seg[cpu]' (CPU) or "
+                          "faiss-gpu-cu12 (GPU, see docs/scaling.md)") from err
     return faiss
 
 
-def _has_faiss_gpu() -> bool:
+# ------------------------------------------------------------------------------------ backend choice
+# Exact torch search is the dependable default on every device; faiss-gpu is taken by ``auto`` only where a
+# GPU build of faiss is installed, imports with its GPU API, sees a GPU and declares support for this GPU's
+# compute capability (a wheel without kernels for the device fails at the first search, e.g.
+# faiss-gpu-cu12 1.14 on Hopper). The facts are read by :func:`faiss_environment` and judged by
+# :func:`choose_backend`, a pure function the tests call with made-up facts.
+@dataclass(frozen=True)
+class FaissEnvironment:
+    """What decides whether faiss can serve a search on a device.
+
+    Attributes:
+        distributions: installed distributions providing the ``faiss`` package (normalised name -> version),
+            e.g. ``{"faiss-cpu": "1.15.1", "faiss-gpu-cu12": "1.14.1.post1"}``.
+        importable: ``import faiss`` works.
+        gpu_api: the imported module has ``StandardGpuResources`` (a GPU build won the import).
+        num_gpus: GPUs faiss sees (``faiss.get_num_gpus()``; 0 without the GPU API).
+        declared: per GPU distribution, the compute-capability range its metadata declares
+            (``((7, 0), (8, 9))``), or None when it declares none.
+        capability: the CUDA device's compute capability, None off CUDA.
+    """
+
+    distributions: Mapping[str, str] = field(default_factory=dict)
+    importable: bool = False
+    gpu_api: bool = False
+    num_gpus: int = 0
+    declared: Mapping[str, Optional[tuple[tuple[int, int], tuple[int, int]]]] = field(default_factory=dict)
+    capability: Optional[tuple[int, int]] = None
+
+    @property
+    def gpu_distributions(self) -> list[str]:
+        return sorted(d for d in self.distributions if d != "faiss-cpu")
+
+
+_RANGE = re.compile(r"Compute\s+Capability\s*\(?\s*(\d+)\.(\d+)\s*(?:–|—|~|-|to)\s*(\d+)\.(\d+)", re.IGNORECASE)
+
+
+def declared_capability_range(metadata_text: str) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
+    """The ``Compute Capability A.B–C.D`` range a faiss GPU wheel declares in its description, if any."""
+    match = _RANGE.search(metadata_text or "")
+    if match is None:
+        return None
+    a, b, c, d = (int(g) for g in match.groups())
+    return (a, b), (c, d)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def faiss_environment(device: Optional[torch.device] = None) -> FaissEnvironment:
+    """The installed faiss distributions, what ``import faiss`` gives and the device's compute capability."""
+    import importlib.metadata as md
+
+    distributions, declared = {}, {}
+    for dist in md.distributions():
+        name = _normalise(dist.metadata.get("Name") or "")
+        files = dist.read_text("top_level.txt") or ""
+        if not (name.startswith("faiss") or "faiss" in files.split()):
+            continue
+        distributions[name] = dist.version
+        if name != "faiss-cpu":
+            text = (dist.metadata.get("Summary") or "") + "\n" + (dist.metadata.get_payload() or "")
+            declared[name] = declared_capability_range(text + "\n" + (dist.metadata.get("Description") or ""))
+    importable = gpu_api = False
+    num_gpus = 0
     try:
-        faiss = _faiss()
-    except ImportError:  # pragma: no cover
+        import faiss
+
+        importable = True
+        gpu_api = hasattr(faiss, "StandardGpuResources")
+        num_gpus = int(faiss.get_num_gpus()) if gpu_api else 0
+    except ImportError:
+        pass
+    capability = None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        capability = tuple(torch.cuda.get_device_capability(device))
+    return FaissEnvironment(distributions, importable, gpu_api, num_gpus, declared, capability)
+
+
+def _fmt(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def choose_backend(requested: str, device_type: str, env: FaissEnvironment) -> tuple[str, str]:
+    """The search backend for ``requested`` on a ``device_type`` device, and why (one line).
+
+    ``auto``: faiss-gpu on CUDA when :class:`FaissEnvironment` shows a usable GPU build that declares this
+    GPU's compute capability, else torch (CPU: always torch). An explicit ``faiss-gpu`` that cannot run
+    raises ValueError naming the cause and the fix.
+
+    Raises:
+        ValueError: unknown backend, or ``faiss``/``faiss-gpu`` asked for where they cannot run.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {requested!r}")
+    gpu_dists = env.gpu_distributions
+    fix = "pip uninstall -y faiss-cpu " + " ".join(gpu_dists or ["faiss-gpu-cu12"]) + " && pip install " + \
+        " ".join(gpu_dists or ["faiss-gpu-cu12"])
+    problem = None  # why faiss-gpu cannot serve this search
+    if device_type != "cuda":
+        problem = "the search runs on the CPU"
+    elif not gpu_dists and not env.gpu_api:
+        problem = ("no GPU build of faiss is installed" + (f" (only faiss-cpu {env.distributions['faiss-cpu']})"
+                                                           if "faiss-cpu" in env.distributions else ""))
+    elif not env.gpu_api:
+        if "faiss-cpu" in env.distributions:
+            problem = (f"faiss-cpu {env.distributions['faiss-cpu']} shadows {', '.join(gpu_dists)} (both install "
+                       f"the same `faiss` package and the CPU build is the one imported); fix: {fix}")
+        elif env.importable:
+            problem = f"{', '.join(gpu_dists)} is installed but `import faiss` has no GPU API; fix: {fix}"
+        else:
+            problem = f"{', '.join(gpu_dists)} is installed but `import faiss` fails; fix: {fix}"
+    elif env.num_gpus == 0:
+        problem = ("faiss sees no GPU (its CUDA runtime may not match the driver: the faiss wheel and torch "
+                   "must use the same CUDA major version)")
+    else:
+        ranges = {d: r for d, r in env.declared.items() if d in gpu_dists}
+        known = {d: r for d, r in ranges.items() if r is not None}
+        if env.capability is not None and known:
+            fits = [d for d, (lo, hi) in known.items() if lo <= env.capability <= hi]
+            if not fits:
+                span = "; ".join(f"{d} {env.distributions.get(d, '')} declares compute capability "
+                                 f"{_fmt(lo)}-{_fmt(hi)}" for d, (lo, hi) in known.items())
+                problem = (f"{span}, but this GPU is {_fmt(env.capability)} (no kernels for it: the search "
+                           "would fail)")
+        elif env.capability is not None:
+            problem = ("the installed faiss declares no compute-capability range, so whether it has kernels for "
+                       f"this GPU ({_fmt(env.capability)}) is unknown; pass backend=faiss-gpu to use it anyway")
+        else:
+            problem = "the GPU's compute capability could not be read"
+    if requested == "auto":
+        if device_type == "cuda" and problem is None:
+            return "faiss-gpu", "faiss-gpu: " + ", ".join(f"{d} {env.distributions.get(d, '')}".strip()
+                                                          for d in gpu_dists) + " supports this GPU" + \
+                (f" ({_fmt(env.capability)})" if env.capability else "")
+        reason = "exact torch search" + ("" if device_type != "cuda" else f" on the GPU; faiss-gpu not used: {problem}")
+        return "torch", reason
+    if requested == "faiss-gpu":
+        declared_unknown = problem is not None and problem.startswith("the installed faiss declares no")
+        if problem is not None and not declared_unknown:
+            raise ValueError(f"backend 'faiss-gpu' cannot run here: {problem}. Use backend='torch' (exact, the "
+                             "default) or see docs/scaling.md, 'GPU install'")
+        return "faiss-gpu", "faiss-gpu (asked for)" + (f"; warning: {problem}" if declared_unknown else "")
+    if requested == "faiss" and not env.importable:
+        raise ValueError("backend 'faiss' needs faiss: pip install 'dist_seg[cpu]'; or use backend='torch'")
+    return requested, f"{requested} (asked for)"
+
+
+def _has_faiss_gpu() -> bool:
+    """Whether ``auto`` would pick faiss-gpu for CUDA tensors on this machine."""
+    if not torch.cuda.is_available():
         return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    device = torch.device("cuda")
+    return choose_backend("auto", "cuda", faiss_environment(device))[0] == "faiss-gpu"
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda":
-            return "faiss-gpu" if _has_faiss_gpu() else "torch"
-        return "torch"
-    if backend == "faiss-gpu" and not _has_faiss_gpu():
-        raise ValueError("backend 'faiss-gpu' needs a faiss build with GPU support and a visible GPU "
-                         "(pip install faiss-gpu-cu12); use backend='torch' or 'faiss' instead")
-    return backend
+def _resolve_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return choose_backend(backend, device.type, FaissEnvironment())  # no need to import faiss
+    if backend == "faiss-gpu" and device.type != "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda")  # CPU tensors are searched on the GPU and come back (_faiss_candidates)
+    chosen, reason = choose_backend(backend, device.type, faiss_environment(device))
+    log.info("KNN backend: %s", reason)
+    return chosen, reason
 
 
 # --------------------------------------------------------------------------------- candidate search
@@ -483,7 +631,9 @@ def knn(
         k: neighbours per query.
         exclude_self: query ``i`` is key ``query_offset + i`` and is never its own neighbour.
         backend: ``"torch"`` (chunked matmul, CPU or CUDA), ``"faiss"`` (CPU), ``"faiss-gpu"``, or
-            ``"auto"`` (faiss-gpu for CUDA tensors when available, else torch).
+            ``"auto"``: torch, except faiss-gpu for CUDA tensors where a GPU build of faiss is installed and
+            declares this GPU's compute capability (:func:`choose_backend`; the reason is logged and in the
+            stats).
         chunk_size: queries per block for the torch backend (default: chosen from ``memory_budget``).
         query_offset: global index of query 0 among the keys (used with ``exclude_self``).
         margin: extra float32 candidates per query (default ``max(16, k)``); rows with more ties than
@@ -512,8 +662,8 @@ def knn(
     if keys.device != queries.device:
         raise ValueError(f"queries on {queries.device} but keys on {keys.device}")
     device = queries.device
-    backend = _resolve_backend(backend, device)
-    stats: dict[str, Any] = {"backend": backend}
+    backend, reason = _resolve_backend(backend, device)
+    stats: dict[str, Any] = {"backend": backend, "backend_reason": reason}
     if nq == 0:
         empty = (torch.empty((0, k), device=device), torch.empty((0, k), dtype=torch.long, device=device))
         return (*empty, stats) if return_stats else empty
@@ -566,6 +716,7 @@ def distributed_knn(
     exclude_self: bool = True,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    keys: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KNN table of descriptors spread over ranks, identical on every rank to a one-process run.
 
@@ -575,6 +726,9 @@ def distributed_knn(
         k: neighbours per sample.
         exclude_self: a sample is never its own neighbour.
         backend, chunk_size: as in :func:`knn`.
+        keys: the global matrix ``[N, d]`` when the caller already holds it on every rank (e.g.
+            ``compute_descriptors(gather=True)``); then it is not gathered a second time (at 590k x 768
+            float32 that copy is 1.8 GB per rank). ``local_descriptors`` must be its rows of this rank.
 
     Returns:
         ``(similarities [N, k] float32, indices [N, k] int64)`` for all N samples, on every rank.
@@ -582,7 +736,10 @@ def distributed_knn(
     count = torch.tensor([local_descriptors.shape[0]], dtype=torch.long, device=local_descriptors.device)
     counts = D.all_gather(count)
     offset = int(counts[: D.get_rank()].sum())
-    keys = D.all_gather_variable(local_descriptors.contiguous())
+    if keys is None:
+        keys = D.all_gather_variable(local_descriptors.contiguous())
+    elif keys.shape[0] != int(counts.sum()) or keys.shape[1:] != local_descriptors.shape[1:]:
+        raise ValueError(f"keys {tuple(keys.shape)} do not hold the {int(counts.sum())} rows the ranks give")
     sims, index = knn(local_descriptors, keys, k, exclude_self=exclude_self, backend=backend,
                       chunk_size=chunk_size, query_offset=offset)
     return D.all_gather_variable(sims.contiguous()), D.all_gather_variable(index.contiguous())

@@ -10,9 +10,10 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from dist_seg.config import ConfigError, RunConfig, merge
 
@@ -33,6 +34,10 @@ def setup_logging() -> None:
 def make_accelerator(cfg: RunConfig):
     """The run's ``accelerate.Accelerator`` (device, processes, mixed precision, DDP settings).
 
+    Stops with one ``error:`` line (:class:`LaunchError`, exit 2) instead of a silent CPU run when a GPU was
+    asked for and CUDA is not usable, or when the launcher started more processes than joined the group
+    (:func:`check_device_request`, :func:`check_process_group`).
+
     Raises:
         ConfigError: the process was started with Accelerate's own DeepSpeed plugin (a launch config with
             ``distributed_type: DEEPSPEED``), which dist_seg does not use (docs/scaling.md, "DeepSpeed ZeRO-2").
@@ -50,6 +55,7 @@ def make_accelerator(cfg: RunConfig):
     if cfg.train.deterministic:
         # cuBLAS reads this when the process creates its first handle: set it before any CUDA matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    check_device_request(cfg)
     handlers = [
         # The safe default for a module the trainer knows nothing about; the trainer sets the method's own choice
         # (Method.find_unused_parameters) before it wraps the method.
@@ -57,7 +63,204 @@ def make_accelerator(cfg: RunConfig):
         # An explicit collective timeout instead of torch's 10-minute NCCL default (TrainConfig.dist_timeout_min).
         InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_min)),
     ]
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=handlers)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.device == "cpu",
+                              kwargs_handlers=handlers)
+    check_process_group(accelerator.num_processes)
+    return accelerator
+
+
+# ------------------------------------------------------------------------------- device refusals
+class LaunchError(SystemExit):
+    """The run cannot start as launched; the one-line reason was printed (by rank 0) as ``error: ...``.
+
+    A ``SystemExit`` with code 2, so every stage stops the same way without a traceback, whatever it catches.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+def _refuse(message: str, environ: Mapping[str, str]) -> None:
+    if environ.get("RANK", "0") == "0":  # one line per launch, not one per process
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise LaunchError(message)
+
+
+@dataclass(frozen=True)
+class CudaFacts:
+    """What decides whether CUDA is usable here (read by :func:`cuda_facts`; tests pass their own).
+
+    Attributes:
+        torch_version: ``torch.__version__``.
+        cuda_build: the CUDA version torch was built for (``torch.version.cuda``; None for a CPU-only build).
+        driver_cuda: the newest CUDA version the installed NVIDIA driver supports (``cuDriverGetVersion``,
+            e.g. ``(12, 4)``); None when no driver library loads.
+        available: ``torch.cuda.is_available()``.
+        device_count: GPUs torch sees.
+        visible_devices: ``CUDA_VISIBLE_DEVICES`` (None when unset).
+    """
+
+    torch_version: str
+    cuda_build: Optional[str]
+    driver_cuda: Optional[tuple[int, int]]
+    available: bool
+    device_count: int
+    visible_devices: Optional[str]
+
+
+def driver_cuda_version() -> Optional[tuple[int, int]]:
+    """The newest CUDA version the NVIDIA driver supports, from ``libcuda``; None without a driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, (version.value % 1000) // 10
+
+
+def driver_release() -> Optional[str]:
+    """The NVIDIA driver's release (``580.159.03``) from NVML (``libnvidia-ml.so.1``); None without a driver."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        buf = ctypes.create_string_buffer(96)
+        ok = nvml.nvmlSystemGetDriverVersion(buf, ctypes.c_uint(96)) == 0
+        nvml.nvmlShutdown()
+        return buf.value.decode() if ok else None
+    except (OSError, AttributeError):
+        return None
+
+
+def cuda_facts() -> CudaFacts:
+    """This process's :class:`CudaFacts`."""
+    import torch
+
+    available = torch.cuda.is_available()
+    return CudaFacts(torch.__version__, torch.version.cuda, driver_cuda_version(), available,
+                     torch.cuda.device_count() if available else 0, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def cuda_problem(facts: CudaFacts) -> Optional[str]:
+    """Why CUDA is not usable, with the fix, in one sentence; None when it is."""
+    if facts.available and facts.device_count > 0:
+        return None
+    guide = "docs/scaling.md, 'GPU install'"
+    if facts.cuda_build is None:
+        return (f"this torch ({facts.torch_version}) is a CPU-only build; install a CUDA build of torch that your "
+                f"driver runs ({guide})")
+    if facts.visible_devices is not None and facts.visible_devices.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={facts.visible_devices!r} hides every GPU; unset it or name the GPUs to use"
+    if facts.driver_cuda is None:
+        return ("no NVIDIA driver or GPU found on this machine (libcuda.so.1 does not load); run on a GPU machine, "
+                "or on CPU drop train.device=cuda and launch with ACCELERATE_USE_CPU=1 (launch/cpu_2proc.yaml)")
+    build = tuple(int(x) for x in facts.cuda_build.split(".")[:2])
+    if facts.driver_cuda < build:
+        have = f"{facts.driver_cuda[0]}.{facts.driver_cuda[1]}"
+        if facts.driver_cuda[0] == build[0]:
+            fix = f"update the NVIDIA driver to one for CUDA {facts.cuda_build}"
+        elif facts.driver_cuda[0] == 12:
+            fix = ("install torch built for CUDA 12 (pip install torch torchvision --index-url "
+                   "https://download.pytorch.org/whl/cu128, or the cu12x index pytorch.org lists for your torch) "
+                   "or update the driver to R580+ for CUDA 13")
+        else:
+            fix = (f"update the NVIDIA driver to one for CUDA {facts.cuda_build} (or install a torch built for "
+                   f"CUDA {have})")
+        return (f"the NVIDIA driver supports CUDA up to {have} but this torch ({facts.torch_version}) is built for "
+                f"CUDA {facts.cuda_build}; {fix} ({guide})")
+    return (f"torch.cuda.is_available() is False although the driver supports CUDA "
+            f"{facts.driver_cuda[0]}.{facts.driver_cuda[1]} and torch is built for CUDA {facts.cuda_build}: no GPU "
+            "is visible to this process (check nvidia-smi)")
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def gpu_request(cfg: RunConfig, environ: Mapping[str, str]) -> Optional[str]:
+    """Who asked for a GPU, in words, or None: ``train.device=cuda``, or a launcher given GPU ids.
+
+    ``accelerate launch`` with ``launch/single_gpu.yaml`` sets ``ACCELERATE_USE_CPU=False`` and
+    ``CUDA_VISIBLE_DEVICES`` to its ``gpu_ids``; the multi-process configs are caught by
+    :func:`check_process_group` instead (their processes come up alone without CUDA).
+    """
+    if cfg.train.device == "cuda":
+        return "train.device=cuda"
+    if cfg.train.device == "auto" and "ACCELERATE_USE_CPU" in environ and not _truthy(environ["ACCELERATE_USE_CPU"]) \
+            and environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+        return (f"the launcher asked for GPU {environ['CUDA_VISIBLE_DEVICES']} (gpu_ids, use_cpu: false, as in "
+                "launch/single_gpu.yaml)")
+    return None
+
+
+def _launched(environ: Mapping[str, str]) -> int:
+    try:
+        return int(environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _partial_group_message(launched: int, group: int, problem: Optional[str]) -> str:
+    cause = (f"CUDA is not usable ({problem}), so each process runs alone" if problem else
+             "the processes did not join one process group")
+    return (f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one runs in a process "
+            f"group of {group}: {cause}. Fix: on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
+            "(ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/cpu_2proc.yaml ...); with GPUs, make "
+            f"{launched} GPUs visible (nvidia-smi, launch/check_ranks.py)")
+
+
+def check_device_request(cfg: RunConfig, *, facts: Optional[CudaFacts] = None,
+                         environ: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse (one ``error:`` line, :class:`LaunchError`) when a GPU was asked for and CUDA is not usable.
+
+    A GPU is asked for by ``train.device=cuda``, by a launcher given GPU ids (:func:`gpu_request`), and by a
+    multi-process launch without ``ACCELERATE_USE_CPU=1`` (``WORLD_SIZE>1``, e.g. ``launch/multi_gpu.yaml``):
+    without CUDA its processes would come up alone, N independent runs writing one output folder. Under
+    ``train.device=auto`` with no GPU request, a CUDA build of torch on a machine whose NVIDIA driver cannot
+    run it still runs on the CPU, but says so (a warning naming both versions).
+    """
+    import torch.distributed as dist
+
+    environ = os.environ if environ is None else environ
+    asked = gpu_request(cfg, environ)
+    launched = _launched(environ)
+    multi = (launched > 1 and cfg.train.device != "cpu" and not _truthy(environ.get("ACCELERATE_USE_CPU"))
+             and not (dist.is_available() and dist.is_initialized()))
+    if asked is None and not multi and cfg.train.device != "auto":
+        return
+    facts = facts or cuda_facts()
+    problem = cuda_problem(facts)
+    if problem is None:
+        return
+    if asked is not None:
+        _refuse(f"{asked}, but CUDA is not usable: {problem}", environ)
+    if multi:
+        _refuse(_partial_group_message(launched, 1, problem), environ)
+    gpu_machine = facts.driver_cuda is not None and facts.cuda_build is not None
+    if gpu_machine and not _truthy(environ.get("ACCELERATE_USE_CPU")):
+        logging.getLogger("dist_seg").warning("running on the CPU: %s (set train.device=cuda to make this an error)",
+                                              problem)
+
+
+def check_process_group(num_processes: int, *, environ: Optional[Mapping[str, str]] = None,
+                        facts: Optional[CudaFacts] = None) -> None:
+    """Refuse when the launcher started ``WORLD_SIZE`` processes but this one joined a group of another size.
+
+    That is what ``accelerate launch --config_file launch/multi_gpu.yaml`` gives on a machine without usable
+    GPUs: N independent one-process runs writing one output folder, with wrong numbers.
+    """
+    environ = os.environ if environ is None else environ
+    launched = _launched(environ)
+    if launched <= 1 or num_processes == launched:
+        return
+    _refuse(_partial_group_message(launched, num_processes, cuda_problem(facts or cuda_facts())), environ)
 
 
 def default_cache_dir(cfg: RunConfig) -> str:

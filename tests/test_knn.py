@@ -121,6 +121,89 @@ def test_errors_name_the_problem():
     assert empty_s.shape == (0, 3) and empty_i.shape == (0, 3)
 
 
+# ------------------------------------------------------------------------------------ backend choice
+# The environment facts (installed distributions, what `import faiss` gives, the GPU's compute capability) are
+# given as values; the choice and its message are what is tested. Faiss's search itself is not involved.
+HOPPER, AMPERE = (9, 0), (8, 0)
+CU12_RANGE = ((7, 0), (8, 9))  # what faiss-gpu-cu12 1.14.1.post1 declares (docs/decisions.md, issue 19)
+
+
+def gpu_env(capability, declared=CU12_RANGE, **changes):
+    facts = dict(distributions={"faiss-gpu-cu12": "1.14.1.post1"}, importable=True, gpu_api=True, num_gpus=1,
+                 declared={"faiss-gpu-cu12": declared}, capability=capability)
+    facts.update(changes)
+    return K.FaissEnvironment(**facts)
+
+
+def test_backend_without_faiss_is_torch_everywhere():
+    env = K.FaissEnvironment()
+    assert K.choose_backend("auto", "cpu", env) == ("torch", "exact torch search")
+    backend, why = K.choose_backend("auto", "cuda", env)
+    assert backend == "torch" and "no GPU build of faiss is installed" in why
+    with pytest.raises(ValueError, match="needs faiss: pip install 'dist_seg\\[cpu\\]'"):
+        K.choose_backend("faiss", "cpu", env)
+    with pytest.raises(ValueError, match="no GPU build of faiss"):
+        K.choose_backend("faiss-gpu", "cuda", env)
+
+
+def test_backend_with_cpu_faiss_only():
+    env = K.FaissEnvironment(distributions={"faiss-cpu": "1.15.1"}, importable=True)
+    assert K.choose_backend("auto", "cpu", env)[0] == "torch"
+    assert K.choose_backend("faiss", "cpu", env) == ("faiss", "faiss (asked for)")
+    backend, why = K.choose_backend("auto", "cuda", env)
+    assert backend == "torch" and why.endswith("no GPU build of faiss is installed (only faiss-cpu 1.15.1)")
+
+
+def test_backend_gpu_faiss_that_supports_the_device():
+    backend, why = K.choose_backend("auto", "cuda", gpu_env(AMPERE))
+    assert backend == "faiss-gpu" and why == "faiss-gpu: faiss-gpu-cu12 1.14.1.post1 supports this GPU (8.0)"
+    assert K.choose_backend("faiss-gpu", "cuda", gpu_env(AMPERE))[0] == "faiss-gpu"
+    assert K.choose_backend("auto", "cpu", gpu_env(None))[0] == "torch"  # CPU tensors: torch
+    assert K.choose_backend("auto", "cuda", gpu_env(None))[0] == "torch"  # capability unknown: never blindly
+
+
+def test_backend_gpu_faiss_without_kernels_for_the_device():
+    backend, why = K.choose_backend("auto", "cuda", gpu_env(HOPPER))
+    assert backend == "torch"
+    assert "faiss-gpu-cu12 1.14.1.post1 declares compute capability 7.0-8.9, but this GPU is 9.0" in why
+    with pytest.raises(ValueError, match="cannot run here: .*this GPU is 9.0"):
+        K.choose_backend("faiss-gpu", "cuda", gpu_env(HOPPER))
+    # No declared range: never chosen blindly by auto; an explicit request is honoured with a warning.
+    backend, why = K.choose_backend("auto", "cuda", gpu_env(HOPPER, declared=None))
+    assert backend == "torch" and "declares no compute-capability range" in why
+    backend, why = K.choose_backend("faiss-gpu", "cuda", gpu_env(HOPPER, declared=None))
+    assert backend == "faiss-gpu" and "warning" in why
+
+
+def test_backend_cpu_build_shadowing_a_gpu_one_is_named_with_the_fix():
+    env = gpu_env(AMPERE, distributions={"faiss-cpu": "1.15.1", "faiss-gpu-cu12": "1.14.1.post1"}, gpu_api=False,
+                  num_gpus=0)
+    backend, why = K.choose_backend("auto", "cuda", env)
+    assert backend == "torch"
+    assert "faiss-cpu 1.15.1 shadows faiss-gpu-cu12" in why
+    assert "fix: pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in why
+    with pytest.raises(ValueError, match="shadows faiss-gpu-cu12"):
+        K.choose_backend("faiss-gpu", "cuda", env)
+
+
+def test_declared_capability_range_from_wheel_metadata():
+    newer = "Supports Volta to Ada Lovelace architecture GPUs (Compute Capability 7.0\u20138.9)"
+    older = "Support Pascal~Hopper architecture GPU (Compute Capability 6.0~9.0)."
+    assert K.declared_capability_range(newer) == ((7, 0), (8, 9))
+    assert K.declared_capability_range(older) == ((6, 0), (9, 0))
+    assert K.declared_capability_range("A library for efficient similarity search") is None
+    # On this machine: the real environment reader runs and agrees with what `import faiss` gives.
+    env = K.faiss_environment()
+    assert env.capability is None
+    try:
+        import faiss
+    except ImportError:
+        assert not env.importable and not env.gpu_api
+    else:
+        assert env.importable and env.gpu_api == hasattr(faiss, "StandardGpuResources")
+        assert env.distributions, "the distribution that installed `faiss` is found"
+
+
 # ------------------------------------------------------------------------------------------ files
 def test_table_round_trip_and_mismatch(tmp_path):
     x = torch.randn(50, 8)
@@ -221,10 +304,26 @@ def _two_rank_worker(rank, world, sizes, root):
     x = data_with_ties(sum(sizes), 24, seed=11)
     lo = sum(sizes[:rank])
     sims, index = distributed_knn(x[lo : lo + sizes[rank]], 6, exclude_self=True, backend="torch")
+    given_sims, given_index = distributed_knn(x[lo : lo + sizes[rank]], 6, exclude_self=True, backend="torch",
+                                              keys=x)
     cfg = resolve_config(load_recipe("stego_toy")(), _toy_overrides(root))
-    built_sims, built_index, provenance = KT.build_knn_table(cfg, k=5)
+    # Count the gathers of descriptor matrices during a table build (C14: gathered once, reused as the keys).
+    from dist_seg import distributed as D
+
+    real, widths = D.all_gather_variable, []
+
+    def counting(tensor):
+        widths.append(tensor.shape[1] if tensor.ndim == 2 and tensor.is_floating_point() else None)
+        return real(tensor)
+
+    D.all_gather_variable = counting
+    try:
+        built_sims, built_index, provenance = KT.build_knn_table(cfg, k=5)
+    finally:
+        D.all_gather_variable = real
     return {"sims": sims, "index": index, "built_sims": built_sims, "built_index": built_index,
-            "world": provenance["world_size"]}
+            "world": provenance["world_size"], "given_equal": torch.equal(given_index, index)
+            and torch.equal(given_sims, sims), "descriptor_gathers": sum(1 for w in widths if w not in (None, 5))}
 
 
 def test_two_ranks_equal_one_process(toy_root):
@@ -241,6 +340,8 @@ def test_two_ranks_equal_one_process(toy_root):
         assert torch.equal(result["index"], index), f"rank {rank}: the gathered table differs from one process"
         assert torch.equal(result["sims"], sims), f"rank {rank}: similarities differ from one process"
         assert result["world"] == 2
+        assert result["given_equal"], f"rank {rank}: keys passed in must give the same table as keys gathered"
+        assert result["descriptor_gathers"] == 1, f"rank {rank}: descriptors gathered {result['descriptor_gathers']}x"
         assert torch.equal(result["built_index"], built_index), f"rank {rank}: 2-rank build differs from 1 process"
         assert torch.allclose(result["built_sims"], built_sims, atol=1e-6)
 

@@ -136,6 +136,8 @@ def test_cpu_2proc_config_starts_two_gloo_ranks():
     lines = _rank_lines(res.stdout)
     assert [line.split()[0] for line in lines] == ["rank=0", "rank=1"], f"expected ranks 0 and 1, got:\n{out[-4000:]}"
     assert all("world=2" in line and "backend=gloo" in line and "rank_sum=1" in line for line in lines), lines
+    reports = re.findall(r"rank_sum=1 torch=\S+ cuda_build=\S+ driver=\S+ driver_cuda=\S+ gpu=.*", res.stdout)
+    assert len(reports) == 2, f"every rank names torch's CUDA build, the driver and the GPU:\n{res.stdout[-2000:]}"
 
 
 def _stub(bin_dir: Path, name: str, body: str) -> None:

@@ -1,27 +1,39 @@
 """The GPU-only paths of dist_seg in one run, with one JSON of figures (started by tools/gpu_check.sh).
 
-Items, each timed and reported on its own (a failing item is recorded and the others still run):
+Items, each timed and reported on its own (a failing item is recorded and the others still run). Every
+throughput figure excludes set-up: a warm-up runs first and only the timed repetitions count.
 
-* ``environment``: torch, CUDA, the GPU, the versions of the packages the paths below use;
-* ``attention``: the backbone's fused attention (``F.scaled_dot_product_attention`` in timm's blocks) under
-  bf16 autocast with each SDPA kernel forced in turn (flash, memory-efficient, math), against an fp32 math
-  reference: relative error and milliseconds per forward;
+* ``environment``: torch, its CUDA build, the driver's CUDA version, the GPU and its compute capability, the
+  installed versions of the distributions the paths below use, and the KNN backend ``auto`` picks and why;
+* ``matmul-bf16``: the measured bf16 matrix-product rate (8192^3, FLOP/s): the ceiling of the tables in
+  docs/benchmarks.md ("what bounds one H200");
+* ``encode``: images/s of the frozen ViT-S/8 and ViT-B/8 forwards at 224 px in bf16 autocast (random init);
+* ``decode``: JPEG decode + resize to 224 images/s on one CPU core (PIL, as the loader workers do), and
+  torchvision's batched ``decode_jpeg`` on the GPU;
+* ``attention``: the backbone's fused attention under bf16 with each SDPA kernel forced (flash,
+  memory-efficient, math) against an fp32 math reference: relative error and ms per forward;
 * ``train-stego-online``, ``train-stego-cached``, ``train-ds2dl-online``, ``train-ds2dl-cached``: the real
-  trainer (``dist_seg.trainer.train``) with ``train.mixed_precision=bf16`` on generated data (features from
-  a random-init ViT-S/8 at 224 px; the cached runs first write the feature cache with ``extract``), then
-  the final checkpoint read back with ``torch.load(weights_only=True)``;
-* ``bench-train``: ``tools/bench_train.py``'s step timing on the GPU (bf16, batch 32): the "GPU rows" of
-  docs/benchmarks.md;
-* ``knn-faiss-gpu``: ``dist_seg.knn.knn`` with the faiss-gpu backend against the torch backend on CUDA
-  (same indices expected), skipped with the reason when faiss has no GPU support here;
-* ``deepspeed-zero2``: the trainer under DeepSpeed ZeRO-2 on one GPU in bf16, checkpointing, then a second
-  run resuming from DeepSpeed's shards (read through dist_seg's weights-only loader);
-* ``nccl``: a one-GPU NCCL process group in a fresh process, through ``dist_seg.distributed`` (all-reduce,
-  all-gather with and without gradient, object broadcast), with an all-reduce bandwidth figure.
+  trainer (``dist_seg.trainer.train``, bf16) on generated data; set-up (backbone, KNN mining, extraction,
+  final validation, checkpoint) is reported apart from the steady-state crops/s of the timed steps (taken
+  from optimiser-step timestamps after ``WARMUP_STEPS``), and the host synchronisations per timed step
+  (``torch.cuda.set_sync_debug_mode("warn")`` on during the timed steps only, warnings counted);
+* ``host-syncs``: the per-step host synchronisation counts of the four runs above, side by side;
+* ``bench-train-in-memory``: ``tools/bench_train.py``'s step timing on batches already in memory (no
+  loader, no partner fetch, no collectives: an upper bound of the trainer, not its throughput);
+* ``knn-torch``: the exact torch search on the cross-rank path (``distributed_knn``'s non-symmetric
+  ``_torch_candidates``) for one rank's share of an 8-rank table: 590k/8 queries against 590k keys of 768;
+* ``knn-faiss-gpu``: whether ``backend=auto`` uses faiss-gpu here and why (installed distributions, GPU API,
+  declared compute capability); where it does, faiss-gpu against torch (same indices expected);
+* ``collectives``: ``dist_seg.distributed`` and ``distributed_knn`` on 2 processes: NCCL where the machine
+  has 2 GPUs; with one GPU NCCL cannot put two ranks on it, so gloo on CUDA tensors (said in the JSON);
+  gloo on CPU in the dry run. Results are compared with one-process references; all-reduce bandwidth;
+* ``deepspeed-zero2``: the trainer under DeepSpeed ZeRO-2 in bf16 (one process: partitioning is trivial),
+  with its final validation, checkpointing, then a second run resuming from DeepSpeed's shards.
 
-``--dry-run`` runs the same code on the CPU at tiny sizes (toy backbone, fp32, gloo instead of NCCL, the
-math kernel only) and reports every GPU-only item as ``"skipped: no GPU"`` with what the CPU run did under
-``"dry_run"``: CI runs it (tests/test_gpu_check.py), so the script cannot rot unnoticed.
+``--dry-run`` runs the same code on the CPU at tiny sizes (toy backbone, fp32, gloo) and reports every
+GPU-only item as ``"skipped: no GPU"`` with what the CPU run did under ``"dry_run"``: CI runs it
+(tests/test_gpu_check.py), so the script cannot rot unnoticed; its collectives and DeepSpeed items run for
+real on 2 gloo processes and on one CPU process.
 
 The JSON has the shape of the benchmark tools' (``date``, ``command``, ``machine``, ``code``, ``results``).
 """
@@ -43,14 +55,18 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 NO_GPU = "skipped: no GPU"
-PACKAGES = ("torch", "timm", "accelerate", "deepspeed", "faiss-gpu", "faiss-cpu", "webdataset", "wids", "omegaconf",
-            "pydantic", "numpy", "dist_seg")
+# Distribution names as installed (faiss-gpu-cu12 is what the `gpu` extra installs; the others are found too).
+PACKAGES = ("torch", "torchvision", "timm", "accelerate", "deepspeed", "faiss-cpu", "faiss-gpu-cu12", "faiss-gpu",
+            "webdataset", "wids", "omegaconf", "pydantic", "numpy", "pillow", "pycocotools", "pydensecrf2", "dist_seg")
+WARMUP_STEPS = 10
 
 
 def _tool(name: str):
@@ -85,7 +101,9 @@ class Check:
         self.batch = 32 if self.gpu else 4
         self.num_train = 256 if self.gpu else 16
         self.num_val = 32 if self.gpu else 4
-        self.steps = 20 if self.gpu else 2
+        self.steps = 40 if self.gpu else 4
+        self.warmup = WARMUP_STEPS if self.gpu else 1
+        self.syncs: dict[str, Optional[float]] = {}
         self.backbone = "dino_vits8" if self.gpu else "toy"
         self._weights = None
         self._data = None
@@ -124,27 +142,238 @@ class Check:
                 f"data.res={self.size}", f"data.eval_res={self.size}", "data.num_workers=2", "data.shuffle_buffer=16",
                 f"backbone.name={self.backbone}", *([f"backbone.weights={weights}"] if weights else []),
                 f"train.mode={mode}", f"train.mixed_precision='{self.precision}'", f"train.num_steps={self.steps}",
-                "train.val_every=0", f"train.checkpoint_every={self.steps}", "train.log_every=1",
+                "train.val_every=0", f"train.checkpoint_every={self.steps}", "train.log_every=10",
                 "tracking.enabled=false", "eval.num_overlays=0", *(["stego.feature_samples=5"] if method == "stego"
                                                                    else []), *extra]
 
 
 # ------------------------------------------------------------------------------------------ items
 def environment(check: Check) -> dict:
+    import importlib.metadata as md
+
+    from dist_seg.knn import choose_backend, faiss_environment
+    from dist_seg.runtime import cuda_facts, cuda_problem, driver_release
+
     versions = {}
     for name in PACKAGES:
         try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
             versions[name] = None
+    facts = cuda_facts()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    faiss_env = faiss_environment(device)
     out = {"status": "ok", "python": sys.version.split()[0], "packages": versions,
-           "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+           "faiss_distributions": dict(faiss_env.distributions),
+           "cuda_available": facts.available, "torch_cuda_build": facts.cuda_build,
+           "driver": driver_release(),
+           "driver_cuda": None if facts.driver_cuda is None else "{}.{}".format(*facts.driver_cuda),
+           "cuda_problem": cuda_problem(facts), "compiled_archs": torch.cuda.get_arch_list(),
+           "knn_auto_backend": dict(zip(("backend", "why"), choose_backend("auto", device.type, faiss_env)))}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        out.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    multiprocessors=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
                    bf16_supported=torch.cuda.is_bf16_supported())
     return out
+
+
+def _timed(fn, *, warmup: int, repeats: int) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def matmul_bf16(check: Check) -> dict:
+    """The measured bf16 (fp32 in the dry run) matrix-product rate: the GPU ceiling of docs/benchmarks.md."""
+    n = 8192 if check.gpu else 256
+    dtype = torch.bfloat16 if check.gpu else torch.float32
+    gen = torch.Generator(device=check.device).manual_seed(0)
+    a = torch.randn(n, n, device=check.device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=check.device, dtype=dtype, generator=gen)
+    seconds = _timed(lambda: a @ b, warmup=3, repeats=10 if check.gpu else 2)
+    rate = 2 * n**3 / seconds
+    return {"status": check.status(rate > 0), "dry_run" if check.dry else "figures": {
+        "n": n, "dtype": str(dtype), "seconds_per_product": seconds, "tflop_per_s": rate / 1e12,
+        "note": "random data, mean of the timed products after 3 warm-ups"}}
+
+
+def encode(check: Check) -> dict:
+    """Frozen-backbone forwards: images/s at 224 px in bf16 autocast (ViT-S/8, ViT-B/8, random init)."""
+    import timm
+
+    from dist_seg.backbones import BACKBONES, load_backbone
+
+    names = ("dino_vits8", "dino_vitb8") if check.gpu else ("toy",)
+    figures = {}
+    for name in names:
+        weights = None
+        if name != "toy":
+            torch.manual_seed(0)
+            model = timm.create_model(BACKBONES[name].timm_name, pretrained=False, num_classes=0)
+            weights = check.work / f"{name}_random_init.pth"
+            torch.save(model.state_dict(), weights)
+            del model
+        backbone = load_backbone(name, weights, dtype=check.precision).to(check.device).eval()
+        batch = 64 if check.gpu else 2
+        images = torch.rand(batch, 3, check.size, check.size, device=check.device)
+        with torch.no_grad():
+            seconds = _timed(lambda fn=backbone.patch_features, x=images: fn(x), warmup=3,
+                             repeats=10 if check.gpu else 2)
+        figures[name] = {"batch": batch, "res": check.size, "images_per_s": batch / seconds,
+                         "ms_per_batch": 1e3 * seconds, "dtype": "bf16 autocast" if check.gpu else "fp32"}
+        del backbone
+    return {"status": check.status(all(f["images_per_s"] > 0 for f in figures.values())),
+            "dry_run" if check.dry else "figures": figures}
+
+
+def decode(check: Check) -> dict:
+    """JPEG decode + resize to the training resolution: one CPU core (PIL), and batched on the GPU."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # A smooth 640x480 photo-like image (noise would compress badly and decode slower than photos).
+    ramp = np.linspace(0, 255, 640, dtype=np.float32)
+    base = (ramp[None, :, None] * 0.6 + rng.normal(0, 12, (480, 640, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(base).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+
+    def cpu_one():
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").resize((check.size, check.size), Image.BILINEAR)
+
+    repeats = 200 if check.gpu else 10
+    cpu_s = _timed(cpu_one, warmup=5, repeats=repeats)
+    figures = {"jpeg_bytes": len(data), "source_size": "640x480", "res": check.size,
+               "cpu_images_per_s_per_core": 1 / cpu_s, "cores": os.cpu_count(),
+               "cpu_images_per_s_all_cores_estimate": os.cpu_count() / cpu_s}
+    if check.gpu:
+        import torch.nn.functional as F
+        from torchvision.io import decode_jpeg
+
+        batch = [torch.frombuffer(bytearray(data), dtype=torch.uint8)] * 64
+
+        def gpu_batch():
+            out = decode_jpeg(batch, device=check.device)
+            F.interpolate(torch.stack(out).float(), size=(check.size, check.size), mode="bilinear")
+
+        gpu_s = _timed(gpu_batch, warmup=3, repeats=20)
+        figures["gpu_images_per_s"] = 64 / gpu_s
+    return {"status": check.status(True), "dry_run" if check.dry else "figures": figures}
+
+
+class StepClock:
+    """Timestamps of the optimiser steps of one run (a global torch optimiser hook: the trainer is not
+    touched), with the host-synchronisation warnings counted over the timed steps only."""
+
+    def __init__(self, warmup: int, steps: int, count_syncs: bool) -> None:
+        self.warmup, self.steps, self.count_syncs = warmup, steps, count_syncs
+        self.times: list[float] = []
+        self.owner = None
+        self.caught: list = []
+        self.window = [None, None]  # indices into caught when the timed steps began/ended
+
+    def hook(self, optimizer, args, kwargs) -> None:
+        if self.owner is None:
+            self.owner = id(optimizer)
+        if id(optimizer) != self.owner:
+            return
+        self.times.append(time.perf_counter())
+        done = len(self.times)
+        if done == self.warmup:
+            _sync()
+            self.times[-1] = time.perf_counter()
+            if self.count_syncs:
+                self.window[0] = len(self.caught)
+                torch.cuda.set_sync_debug_mode("warn")
+        elif done == self.steps:
+            if self.count_syncs:
+                torch.cuda.set_sync_debug_mode(0)
+                self.window[1] = len(self.caught)
+            _sync()
+            self.times[-1] = time.perf_counter()
+
+    def figures(self, batch: int) -> dict:
+        timed = len(self.times) - self.warmup
+        if timed <= 0:
+            return {"steady_crops_per_s": None, "timed_steps": 0}
+        seconds = self.times[self.warmup - 1 + timed] - self.times[self.warmup - 1]
+        out = {"timed_steps": timed, "warmup_steps": self.warmup, "steady_s_per_step": seconds / timed,
+               "steady_crops_per_s": timed * batch / seconds}
+        if self.count_syncs and None not in self.window:
+            syncs = [w for w in self.caught[self.window[0]:self.window[1]] if "synchroniz" in str(w.message)]
+            out["host_syncs_per_step"] = len(syncs) / timed
+            out["host_sync_sites"] = sorted({str(w.message).splitlines()[0][:120] for w in syncs})[:5]
+        return out
+
+
+def train_item(check: Check, method: str, mode: str) -> dict:
+    from dist_seg.checkpoints import load_checkpoint
+    from dist_seg.config import merge
+    from dist_seg.trainer import load_recipe, train
+
+    out = check.work / f"run-{method}-{mode}"
+    cfg = merge(load_recipe(str(REPO / "recipes" / f"{method}_toy.py"))(), overrides=check.overrides(method, mode, out))
+    t_extract = 0.0
+    if mode == "cached":
+        from dist_seg.features import extract
+
+        t0 = time.perf_counter()
+        extract(cfg)
+        t_extract = time.perf_counter() - t0
+    if check.gpu:
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock(check.warmup, check.steps, count_syncs=check.gpu)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(clock.hook)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clock.caught = caught
+            result = train(cfg)
+    finally:
+        handle.remove()
+        if check.gpu:
+            torch.cuda.set_sync_debug_mode(0)
+    wall = time.perf_counter() - t0
+    steady = clock.figures(check.batch)
+    check.syncs[f"{method}-{mode}"] = steady.get("host_syncs_per_step")
+    ckpt = out / "checkpoints" / f"step-{check.steps:08d}.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    load_checkpoint(ckpt)
+    metrics = result.get("metrics", {})
+    ok = result["step"] == check.steps and state["step"] == check.steps and steady["timed_steps"] > 0
+    timed_s = steady.get("steady_s_per_step", 0) * steady["timed_steps"]
+    return {"status": check.status(ok), "dry_run" if check.dry else "figures": {
+        "steps": result["step"], "batch": check.batch, "res": check.size, "backbone": check.backbone,
+        "mixed_precision": check.precision, "train_wall_s": wall, "extract_wall_s": t_extract,
+        "setup_and_teardown_s": wall - timed_s, **steady,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if check.gpu else None,
+        "checkpoint_weights_only": True, "val": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}}
+
+
+def host_syncs(check: Check) -> dict:
+    """The host synchronisations per timed training step of the train-* items (run them first)."""
+    counted = {k: v for k, v in check.syncs.items()}
+    if not check.gpu:
+        return {"status": NO_GPU, "dry_run": {"runs": sorted(counted), "note": "CPU ops never synchronise"}}
+    if not counted:
+        return {"status": "failed: no train-* item ran before this one"}
+    return {"status": "ok" if all(v is not None for v in counted.values()) else "failed: not counted",
+            "figures": {"per_step": counted, "how": "torch.cuda.set_sync_debug_mode('warn') during the timed "
+                                                   f"steps (after {check.warmup} warm-up steps), warnings counted; "
+                                                   "logging steps (train.log_every=10) included"}}
 
 
 def attention(check: Check) -> dict:
@@ -190,38 +419,6 @@ def attention(check: Check) -> dict:
             "res": check.size, "dtype": "bf16 autocast" if check.gpu else "fp32", "kernels": results}
 
 
-def train_item(check: Check, method: str, mode: str) -> dict:
-    from dist_seg.checkpoints import load_checkpoint
-    from dist_seg.config import merge
-    from dist_seg.trainer import load_recipe, train
-
-    out = check.work / f"run-{method}-{mode}"
-    cfg = merge(load_recipe(str(REPO / "recipes" / f"{method}_toy.py"))(), overrides=check.overrides(method, mode, out))
-    t_extract = 0.0
-    if mode == "cached":
-        from dist_seg.features import extract
-
-        t0 = time.perf_counter()
-        extract(cfg)
-        t_extract = time.perf_counter() - t0
-    if check.gpu:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = train(cfg)
-    wall = time.perf_counter() - t0
-    ckpt = out / "checkpoints" / f"step-{check.steps:08d}.pt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    load_checkpoint(ckpt)
-    metrics = result.get("metrics", {})
-    ok = result["step"] == check.steps and state["step"] == check.steps
-    return {"status": check.status(ok), "dry_run" if check.dry else "figures": {
-        "steps": result["step"], "batch": check.batch, "res": check.size, "backbone": check.backbone,
-        "mixed_precision": check.precision, "train_wall_s": wall, "extract_wall_s": t_extract,
-        "crops_per_s_including_setup": check.steps * check.batch / wall,
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if check.gpu else None,
-        "checkpoint_weights_only": True, "val": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}}
-
-
 def bench_train(check: Check) -> dict:
     tool = _tool("bench_train")
     out = check.work / "bench_train.json"
@@ -240,37 +437,63 @@ def bench_train(check: Check) -> dict:
     return {"status": check.status(code == 0), "figures": table, "bench_train": info}
 
 
-def knn_faiss_gpu(check: Check) -> dict:
+def _knn_sizes(check: Check) -> tuple[int, int, int, int]:
+    """(keys, queries, dim, k): one rank's share of an 8-rank COCO table (590k crops, ViT-B 768) on a GPU."""
+    return (590_000, 590_000 // 8, 768, 30) if check.gpu else (2_048, 256, 64, 5)
+
+
+def knn_torch(check: Check) -> dict:
+    """The cross-rank path of distributed_knn: this rank's queries against every key (non-symmetric search)."""
     from dist_seg.knn import knn
 
-    try:
-        import faiss
-        gpu_faiss = hasattr(faiss, "StandardGpuResources")
-    except ImportError:
-        gpu_faiss = False
-    n, d, k = (50_000, 384, 30) if check.gpu else (512, 16, 5)
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(n, d, generator=gen).to(check.device)
+    n, nq, d, k = _knn_sizes(check)
+    gen = torch.Generator(device=check.device).manual_seed(0)
+    keys = torch.randn(n, d, device=check.device, generator=gen)
+    offset = n // 2  # a middle rank's slice
+    queries = keys[offset: offset + nq]
+    knn(queries[:512], keys[:8192], k, exclude_self=True, backend="torch", query_offset=0)  # warm-up (cuBLAS)
     _sync()
     t0 = time.perf_counter()
-    sim_t, idx_t = knn(feats, feats, k, exclude_self=True, backend="torch")
+    sims, index, stats = knn(queries, keys, k, exclude_self=True, backend="torch", query_offset=offset,
+                             return_stats=True)
     _sync()
-    torch_s = time.perf_counter() - t0
-    figures = {"n": n, "dim": d, "k": k, "torch_s": torch_s, "torch_queries_per_s": n / torch_s}
+    seconds = time.perf_counter() - t0
+    figures = {"keys": n, "queries": nq, "dim": d, "k": k, "seconds": seconds, "queries_per_s": nq / seconds,
+               "symmetric": stats["symmetric"], "brute_force_rows": stats["brute_force_rows"],
+               "full_table_estimate_s_on_8_ranks": seconds,
+               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if check.gpu else None}
+    ok = not stats["symmetric"] and bool((index != torch.arange(nq, device=index.device)[:, None] + offset).all())
+    return {"status": check.status(ok), "dry_run" if check.dry else "figures": figures}
+
+
+def knn_faiss_gpu(check: Check) -> dict:
+    """Whether backend=auto takes faiss-gpu here and why; where it does, faiss-gpu against torch."""
+    from dist_seg.knn import choose_backend, faiss_environment, knn
+
+    env = faiss_environment(check.device)
+    backend, why = choose_backend("auto", check.device.type, env)
+    decision = {"auto_backend": backend, "why": why, "faiss_distributions": dict(env.distributions),
+                "gpu_api": env.gpu_api, "declared_capability": {k: v for k, v in env.declared.items()},
+                "device_capability": env.capability}
     if not check.gpu:
-        return {"status": NO_GPU, "dry_run": figures}
-    if not gpu_faiss:
-        return {"status": "skipped: faiss has no GPU support here (faiss-gpu's wheel is ~135 MB plus the CUDA 12 "
-                          "runtime, over the 64 MiB the device call carries; the image has no faiss)",
-                "figures": figures}
-    t0 = time.perf_counter()
-    sim_f, idx_f = knn(feats, feats, k, exclude_self=True, backend="faiss-gpu")
-    _sync()
-    faiss_s = time.perf_counter() - t0
-    same = float((idx_f.cpu() == idx_t.cpu()).float().mean())
-    figures.update(faiss_gpu_s=faiss_s, faiss_gpu_queries_per_s=n / faiss_s, same_indices_fraction=same,
-                   max_similarity_diff=float((sim_f.cpu() - sim_t.cpu()).abs().max()))
-    return {"status": "ok" if same == 1.0 else f"failed: {1 - same:.2%} of the indices differ", "figures": figures}
+        return {"status": NO_GPU, "dry_run": decision}
+    if backend != "faiss-gpu":
+        return {"status": f"skipped: faiss-gpu not used: {why}", "figures": decision}
+    n, nq, d, k = _knn_sizes(check)
+    n, nq = min(n, 200_000), min(nq, 20_000)
+    gen = torch.Generator(device=check.device).manual_seed(0)
+    keys = torch.randn(n, d, device=check.device, generator=gen)
+    results = {}
+    for name in ("torch", "faiss-gpu"):
+        knn(keys[:512], keys[:4096], k, exclude_self=True, backend=name)  # warm-up
+        _sync()
+        t0 = time.perf_counter()
+        results[name] = knn(keys[:nq], keys, k, exclude_self=True, backend=name)
+        _sync()
+        decision[f"{name}_s"] = time.perf_counter() - t0
+    same = float((results["torch"][1] == results["faiss-gpu"][1]).float().mean())
+    decision.update(keys=n, queries=nq, dim=d, k=k, same_indices_fraction=same)
+    return {"status": "ok" if same == 1.0 else f"failed: {1 - same:.2%} of the indices differ", "figures": decision}
 
 
 def deepspeed_zero2(check: Check) -> dict:
@@ -284,8 +507,9 @@ def deepspeed_zero2(check: Check) -> dict:
     first = merge(base, overrides=check.overrides("stego", "online", out, f"train.deepspeed_config={ds}",
                                                   f"train.num_steps={half}", f"train.checkpoint_every={half}"))
     t0 = time.perf_counter()
-    train(first)
+    first_result = train(first)  # ends with the final validation (the path that crashed under bf16 weights)
     first_s = time.perf_counter() - t0
+    val = {k: v for k, v in first_result.get("metrics", {}).items() if isinstance(v, (int, float))}
     shards = sorted(p.name for p in (out / "checkpoints" / "deepspeed" / f"step-{half:08d}").iterdir())
     # The resumed run is a fresh `dist-seg train` process, as after a preemption (DeepSpeed's process groups
     # also cannot be rebuilt inside one process). It reads DeepSpeed's shards through the weights-only loader.
@@ -303,74 +527,116 @@ def deepspeed_zero2(check: Check) -> dict:
     from dist_seg.checkpoints import load_checkpoint
 
     state = load_checkpoint(out / "checkpoints" / f"step-{2 * half:08d}.pt")
-    ok = state["step"] == 2 * half and any("optim_states" in s for s in shards) and "resumed from" in res.stderr
+    ok = (state["step"] == 2 * half and any("optim_states" in s for s in shards) and "resumed from" in res.stderr
+          and bool(val))
     return {"status": check.status(ok), "dry_run" if check.dry else "figures": {
+        "ranks": 1, "note": "one process: ZeRO-2 partitioning is trivial; the multi-rank path is tested on CPU "
+                            "(tests/test_deepspeed_engine.py)", "validation": val,
         "first_run_steps": half, "first_run_s": first_s, "resumed_to": state["step"], "resumed_run_s": resume_s,
         "resumed_log": next((ln for ln in res.stderr.splitlines() if "resumed from" in ln), None),
         "shards": shards, "mixed_precision": check.precision}}
 
 
-def nccl(check: Check) -> dict:
-    """A one-rank process group in a fresh process (NCCL on the GPU, gloo in the dry run)."""
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), GPU_CHECK_BACKEND="nccl" if check.gpu else "gloo")
-    res = subprocess.run([sys.executable, __file__, "--process-group-worker"], env=env, capture_output=True,
-                         text=True, timeout=180)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("PG ")), None)
-    if res.returncode != 0 or line is None:
-        return {"status": f"failed: exit {res.returncode}: {(res.stderr or res.stdout)[-400:]}"}
-    figures = json.loads(line[3:])
-    return {"status": check.status(figures["correct"]), "dry_run" if check.dry else "figures": figures}
+def collectives(check: Check) -> dict:
+    """dist_seg.distributed and distributed_knn on 2 processes, against one-process references.
+
+    NCCL needs one GPU per rank: with 2+ GPUs the ranks use NCCL on GPUs 0 and 1; with one GPU both ranks
+    use gloo on CUDA tensors of GPU 0 (said in the JSON); the dry run uses gloo on the CPU.
+    """
+    gpus = torch.cuda.device_count() if check.gpu else 0
+    backend = "nccl" if gpus >= 2 else "gloo"
+    device = "cuda" if check.gpu else "cpu"
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, GPU_CHECK_BACKEND=backend, GPU_CHECK_DEVICE=device)
+        procs.append(subprocess.Popen([sys.executable, __file__, "--process-group-worker"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            return {"status": "failed: the 2-process group timed out"}
+        outs.append((proc.returncode, stdout, stderr))
+    lines = [next((ln for ln in o.splitlines() if ln.startswith("PG ")), None) for _, o, _ in outs]
+    if any(rc != 0 for rc, _, _ in outs) or None in lines:
+        return {"status": f"failed: exits {[rc for rc, _, _ in outs]}: {(outs[0][2] or outs[1][2])[-600:]}"}
+    ranks = [json.loads(line[3:]) for line in lines]
+    correct = all(r["correct"] for r in ranks)
+    figures = {"processes": 2, "backend": backend, "device": device, "gpus": gpus,
+               "placement": ("one GPU per rank (NCCL)" if backend == "nccl" else
+                             "both ranks on GPU 0 with gloo on CUDA tensors (NCCL cannot put two ranks on one GPU)"
+                             if check.gpu else "CPU, gloo"), "ranks": ranks}
+    return {"status": check.status(correct), "dry_run" if check.dry else "figures": figures}
 
 
 def process_group_worker() -> None:
     import torch.distributed as dist
 
     from dist_seg import distributed as D
+    from dist_seg.knn import distributed_knn, knn
 
-    backend = os.environ["GPU_CHECK_BACKEND"]
-    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
+    backend, kind = os.environ["GPU_CHECK_BACKEND"], os.environ["GPU_CHECK_DEVICE"]
+    rank = int(os.environ["RANK"])
+    if kind == "cuda":
+        device = torch.device("cuda", rank if backend == "nccl" else 0)
         torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-    # dist_seg.distributed short-cuts a one-rank world, so the collectives are called on the group directly
-    # (what the helpers call on several ranks), then the helpers' one-rank paths are checked too.
-    x = torch.arange(6.0, device=device)
-    total = torch.ones(3, device=device)
-    dist.all_reduce(total)
-    parts = [torch.empty_like(x)]
-    dist.all_gather(parts, x)
-    box = [{"a": 1}]
-    dist.broadcast_object_list(box, src=0)
-    y = x.clone().requires_grad_(True)
-    D.all_gather_with_grad(y).sum().backward()
-    correct = (torch.equal(total.cpu(), torch.ones(3)) and torch.equal(parts[0].cpu(), x.cpu())
-               and box == [{"a": 1}] and torch.equal(y.grad.cpu(), torch.ones(6)) and D.get_world_size() == 1
-               and D.all_gather_object(5) == [5])
-    numel = (256 if backend == "nccl" else 1) * 2**20 // 4
+    world = dist.get_world_size()
+    checks = {}
+    total = D.all_reduce_sum(torch.full((3,), float(rank + 1), device=device))
+    checks["all_reduce_sum"] = torch.equal(total.cpu(), torch.full((3,), 3.0))
+    gathered = D.all_gather(torch.tensor([rank], device=device))
+    checks["all_gather"] = gathered.cpu().tolist() == [0, 1]
+    variable = D.all_gather_variable(torch.full((rank + 2, 3), float(rank), device=device))
+    checks["all_gather_variable"] = variable.shape == (5, 3) and variable[:2].eq(0).all().item() and \
+        variable[2:].eq(1).all().item()
+    y = torch.full((2,), float(rank), device=device, requires_grad=True)
+    (D.all_gather_with_grad(y) * torch.arange(1.0, 5.0, device=device)).sum().backward()
+    # d/dy of sum over ranks of the same loss: each rank's slot weight, summed over the 2 ranks' losses
+    expected = torch.arange(1.0, 5.0)[2 * rank: 2 * rank + 2] * world
+    checks["all_gather_with_grad"] = torch.allclose(y.grad.cpu(), expected)
+    checks["broadcast_object"] = D.broadcast_object({"rank": rank}) == {"rank": 0}
+    checks["all_gather_object"] = D.all_gather_object(rank) == [0, 1]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(301, 16, generator=gen)
+    lo = [0, 120][rank]
+    local = x[lo: [120, 301][rank]].to(device)
+    sims, index = distributed_knn(local, 5, exclude_self=True, backend="torch")
+    ref_s, ref_i = knn(x, x, 5, exclude_self=True, backend="torch")
+    checks["distributed_knn"] = torch.equal(index.cpu(), ref_i) and torch.allclose(sims.cpu(), ref_s)
+    numel = (256 if kind == "cuda" else 4) * 2**20 // 4
     buf = torch.ones(numel, device=device)
-    dist.all_reduce(buf)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dist.all_reduce(buf)
-    _sync()
-    seconds = (time.perf_counter() - t0) / 5
-    print("PG " + json.dumps({"backend": dist.get_backend(), "world_size": dist.get_world_size(), "correct": correct,
-                              "all_reduce_mib": numel * 4 / 2**20, "all_reduce_ms": 1e3 * seconds}), flush=True)
+    seconds = _timed(lambda: dist.all_reduce(buf), warmup=2, repeats=5)
+    D.barrier()
+    print("PG " + json.dumps({"rank": rank, "backend": dist.get_backend(), "world_size": world,
+                              "device": str(device), "correct": all(checks.values()), "checks": checks,
+                              "all_reduce_mib": numel * 4 / 2**20, "all_reduce_ms": 1e3 * seconds,
+                              "all_reduce_bus_gb_per_s": numel * 4 / seconds / 1e9}), flush=True)
     dist.destroy_process_group()
 
 
 ITEMS = {
     "environment": environment,
+    "matmul-bf16": matmul_bf16,
+    "encode": encode,
+    "decode": decode,
     "attention": attention,
     "train-stego-online": lambda c: train_item(c, "stego", "online"),
     "train-stego-cached": lambda c: train_item(c, "stego", "cached"),
     "train-ds2dl-online": lambda c: train_item(c, "ds2dl", "online"),
     "train-ds2dl-cached": lambda c: train_item(c, "ds2dl", "cached"),
-    "bench-train": bench_train,
+    "host-syncs": host_syncs,
+    "bench-train-in-memory": bench_train,
+    "knn-torch": knn_torch,
     "knn-faiss-gpu": knn_faiss_gpu,
-    "nccl": nccl,
+    "collectives": collectives,
     # Last: DeepSpeed leaves a process group behind in this process.
     "deepspeed-zero2": deepspeed_zero2,
 }

@@ -5,9 +5,9 @@
 #   tools/gpu_check.sh [--json FILE] [--only ITEM ...]     on the GPU machine (default FILE: $OUT/gpu_check.json)
 #   tools/gpu_check.sh --dry-run [--json FILE]            anywhere: CPU, tiny sizes, no install (CI runs this)
 #
-# On the GPU machine the wheels fetched by tools/gpu_wheels.sh must be in .whl/ (carried by the device call):
-# they and this work tree are installed into a private folder (/tmp/dist_seg_site) without any index, on top
-# of the machine's own torch, timm, accelerate, numpy, ... (docs/benchmarks.md, "GPU check").
+# On the GPU machine the files fetched by tools/gpu_wheels.sh must be in .whl/ (carried by the device call):
+# they and this work tree are installed without any index, with dependency resolution, on top of the
+# machine's own torch, timm, accelerate, numpy, ... (docs/benchmarks.md, "GPU check").
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -15,7 +15,6 @@ DRY=0
 for arg in "$@"; do [[ "$arg" == "--dry-run" ]] && DRY=1; done
 PY="${PYTHON:-python3}"
 if [[ $DRY -eq 0 ]]; then
-  SITE="${DIST_SEG_SITE:-/tmp/dist_seg_site}"
   WHEELS="${DIST_SEG_WHEELS:-$ROOT/.whl}"
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     echo "error: no wheels in $WHEELS: run tools/gpu_wheels.sh on a machine with PyPI access and carry .whl" >&2
@@ -23,12 +22,16 @@ if [[ $DRY -eq 0 ]]; then
   fi
   t0=$(date +%s)
   export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-  # The project from this work tree (setuptools and wheel come with the machine's Python).
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" "$ROOT"
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  export PATH="$SITE/bin:$PATH"
-  echo "# installed the project and $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE in $(( $(date +%s) - t0 )) s"
+  # Into the machine's own environment (it is bare and given back after the call), resolving dependencies
+  # against what is installed there plus the carried files: an unmet constraint stops here with pip's message.
+  # Only the project itself goes in with --no-deps: mlflow and ray are not carried (tools/gpu_wheels.sh).
+  REQS=(omegaconf webdataset wids braceexpand hjson pydantic deepspeed antlr4-python3-runtime pycocotools)
+  if ls "$WHEELS"/pydensecrf2-*.tar.gz >/dev/null 2>&1; then REQS+=(pydensecrf2); fi
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-build-isolation --no-cache-dir "${REQS[@]}"
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir "$ROOT"
+  "$PY" -m pip check || echo "# pip check: the lines above are what is not installed (expected: mlflow, ray)"
+  export PATH="$("$PY" -c 'import sys, os; print(os.path.dirname(sys.executable))'):$PATH"
+  echo "# installed the project and ${#REQS[@]} carried requirements in $(( $(date +%s) - t0 )) s"
   # The installed copy, not the work tree, is what the check imports.
   cd /tmp
 else
