@@ -14,6 +14,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import shutil
@@ -263,6 +264,7 @@ class Trainer:
 
         cached = self.cfg.train.mode == "cached"
         loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step)
+        self.train_skips = loader.skip_counter  # read by fit() for the run's damaged-data report
         for raw in loader:
             label = raw["label"].to(self.device) if self.info.has_train_labels else None
             if self.images_in:
@@ -364,6 +366,7 @@ class Trainer:
         status = "FAILED"
         try:
             result = self._loop()
+            result["data"] = self._data_report()
             status = "FINISHED" if not self._stop_requested else "KILLED"
             return result
         finally:
@@ -435,6 +438,21 @@ class Trainer:
         self.save_checkpoint()
         return {"step": self.step, "stopped": False, "val": result,
                 "metrics": summary(result) if result else {}}
+
+    def _data_report(self) -> dict:
+        """Damaged training records this run skipped, over all ranks (collective); logged, tracked and written
+        to ``<output_dir>/damaged.json`` when there are any."""
+        from dist_seg.data.shards import DamagedRecord, describe_damage, gather_damage
+
+        report = gather_damage(getattr(self, "train_skips", None))
+        if self.accelerator.is_main_process and (report["skipped_samples"] or report["damaged"]):
+            path = Path(self.cfg.train.output_dir) / "damaged.json"
+            path.write_text(json.dumps(report, indent=1) + "\n")
+            log.warning("training skipped %d damaged records (%d shard errors): %s; listed in %s",
+                        report["skipped_samples"], report["shard_errors"],
+                        describe_damage([DamagedRecord(**r) for r in report["damaged"]]), path)
+            self.tracker.log_metrics({"data/skipped_records": float(report["skipped_samples"])}, step=self.step)
+        return report
 
     def _validate_and_select(self, final: bool = False) -> Optional[dict]:
         from dist_seg.eval.evaluate import save_reports, summary
