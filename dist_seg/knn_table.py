@@ -364,18 +364,13 @@ def build_knn_table(
 
 def _absent_records(root, split: str, present: torch.Tensor) -> list[dict[str, str]]:
     """(shard, key) of every sample that no rank could read, named from the split's shard sizes."""
-    from dist_seg.data.shards import resolve_shards, shard_first_indices, shard_name
+    from dist_seg.data.shards import locate_record, resolve_shards
 
     absent = (~present).nonzero().squeeze(1).tolist()
     if not absent:
         return []
     shards = resolve_shards(root, split)
-    first = shard_first_indices(shards) or {}
-    starts = sorted((start, url) for url, start in first.items())
-    out = []
-    for index in absent:
-        url = next((u for start, u in reversed(starts) if start <= index), "?")
-        out.append({"shard": shard_name(url), "key": f"{index:09d}"})
+    out = [{"shard": r.shard, "key": r.key} for r in (locate_record(shards, index) for index in absent)]
     log.warning("KNN table: %d of %d samples could not be read and are left out (never a neighbour): %s",
                 len(absent), present.numel(), ", ".join(f"{r['shard']}/{r['key']}" for r in out[:20])
                 + (" ..." if len(out) > 20 else ""))

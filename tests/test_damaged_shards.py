@@ -178,3 +178,20 @@ def test_knn_with_no_readable_sample_stops_with_one_line(clean_root, tmp_path, c
     # (stderr may also hold log lines of handlers that earlier tests bound to it: look at the error lines)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and err[0].startswith("error: only 0 of 32 samples") and "--overwrite" in err[0], err
+
+
+def test_masks_skip_damaged_images(damaged, tmp_path):
+    from dist_seg.config import RunConfig
+    from dist_seg.maskdistill.mining import mine_masks
+
+    root, lost = damaged
+    cfg = RunConfig()
+    cfg.data.root = str(root)
+    cfg.maskdistill.work_dir = str(tmp_path / "work")
+    cfg.maskdistill.mine.backbone = "toy"
+    cfg.maskdistill.mine.short_side = 64
+    cfg.maskdistill.mine.chunk_size = 8
+    cfg.maskdistill.mine.heads = 2  # the toy ViT has 2 heads
+    info = json.loads(mine_masks(cfg, split="train").read_text())["info"]
+    assert named(info["damaged"]) == lost
+    assert set(info["empty_image_ids"]) >= {int(k) for _, k in lost}

@@ -23,6 +23,7 @@ way it was read:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -729,6 +730,16 @@ def shard_first_indices(shards: ShardSet) -> dict[str, int] | None:
         return None
     starts = np.concatenate([[0], np.cumsum(shards.nsamples)[:-1]]).tolist()
     return dict(zip(shards.urls, (int(x) for x in starts)))
+
+
+def locate_record(shards: ShardSet, index: int) -> DamagedRecord:
+    """Where global record ``index`` of a prepared split lives: ``DamagedRecord(shard, key, "")``."""
+    first = shard_first_indices(shards)
+    if first is None:
+        return DamagedRecord("?", f"{index:09d}", "")
+    starts = sorted((start, url) for url, start in first.items())
+    url = starts[bisect.bisect_right([start for start, _ in starts], index) - 1][1]
+    return DamagedRecord(shard_name(url), f"{index:09d}", "")
 
 
 def missing_records(shards: ShardSet, urls: Sequence[str], delivered: dict[str, set],
