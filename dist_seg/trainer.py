@@ -149,6 +149,12 @@ class Trainer:
         if self.images_in and cfg.train.mode == "cached":
             raise ConfigError(f"method {cfg.method!r} trains on images, not cached features: set train.mode=online")
         self.info = read_data_info(cfg)
+        if cfg.train.mode == "online":
+            from dist_seg.data.transforms import check_decode_device
+
+            check_decode_device(cfg.data.decode_device)
+            log.info("training images decoded on %s", "the GPU (JPEG shards, torchvision.io.decode_jpeg; PNG shards "
+                     "on the CPU)" if cfg.data.decode_device == "cuda" else "the CPU (loader workers)")
         self.backbone = None
         if not self.images_in and (cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached)):
             from dist_seg.backbones import load_backbone
@@ -234,8 +240,12 @@ class Trainer:
             batch_size=self.local_batch, res=self.cfg.data.eval_res if val else self.cfg.data.res,
             num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, shuffle=shuffle,
             infinite=infinite, start_batch=start_batch, shuffle_buffer=self.cfg.data.shuffle_buffer,
-            decode="features" if cached else "image",
+            decode="features" if cached else self._image_decode(infinite),
         )
+
+    def _image_decode(self, training_stream: bool) -> str:
+        # data.decode_device=cuda: the training stream yields JPEG bytes, decoded on the GPU in _batches.
+        return "encoded" if training_stream and self.cfg.data.decode_device == "cuda" else "image"
 
     def _knn_indices(self) -> torch.Tensor:
         from dist_seg.knn_table import ensure_knn_table
@@ -260,13 +270,15 @@ class Trainer:
         if own is not None:
             yield from own
             return
-        from dist_seg.data.transforms import normalize
+        from dist_seg.data.transforms import decode_jpeg_batch, normalize
 
         cached = self.cfg.train.mode == "cached"
         loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step)
         self.train_skips = loader.skip_counter  # read by fit() for the run's damaged-data report
         for raw in loader:
             label = raw["label"].to(self.device) if self.info.has_train_labels else None
+            if "jpeg" in raw:
+                raw["image"] = decode_jpeg_batch(raw["jpeg"], self.cfg.data.res, self.device)
             if self.images_in:
                 yield Batch(images=normalize(raw["image"].to(self.device)), label=label, index=raw["index"])
                 continue

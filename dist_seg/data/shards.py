@@ -66,7 +66,9 @@ WIDS_KIND = "wids-shard-index-v1"
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_FORMATS = ("jpg", "png")
 JPEG_QUALITY = 95
-DECODE_MODES = ("image", "features", "full")
+DECODE_MODES = ("image", "features", "full", "encoded")
+# Rows of these keys differ in length (encoded JPEG bytes): batches hold them as lists.
+RAGGED_KEYS = ("jpeg",)
 
 
 # ----------------------------------------------------------------------------------------- samples
@@ -564,6 +566,10 @@ class RecordDecoder:
     ``decode="features"``: ``feat`` float32 ``[C, h, w]``, ``gap`` float32 ``[C]``, ``label`` int64 at
     its stored size (-1 = ignore; all -1 of the feature grid's size without labels), ``index``; validation
     caches add ``feat_flip`` (features of the flipped crop) and ``image`` (the uint8 crop).
+    ``decode="encoded"`` (``data.decode_device=cuda``): like ``"image"``, but a JPEG record's image is
+    not decoded: ``jpeg`` holds its bytes as a uint8 tensor (batches keep a list), to be decoded and
+    resized on the GPU by :func:`dist_seg.data.transforms.decode_jpeg_batch`. Only the JPEG header is read
+    here (size check against the label). PNG records are decoded as with ``"image"``.
     """
 
     def __init__(self, *, decode: str = "image", res: int | None = None) -> None:
@@ -592,10 +598,12 @@ class RecordDecoder:
         meta = raw.get("__meta__")
         if meta is None:
             meta = _parse_meta(raw)
+        if self.mode == "encoded" and "jpg" in raw:
+            return self._encoded(raw, meta)
         sample = self._decoder(raw)
         label = sample.get("label.png")
         out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64)}
-        if self.mode in ("image", "full"):
+        if self.mode in ("image", "full", "encoded"):
             image = sample.get("jpg", sample.get("png"))
             if image is None:
                 raise DataError(f"record {raw.get('__key__')} has no jpg/png image")
@@ -635,6 +643,27 @@ class RecordDecoder:
         return out
 
 
+    def _encoded(self, raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        data = bytes(raw["jpg"])
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.format != "JPEG":
+                raise DataError(f"jpg member is a {img.format} image, not JPEG")
+            width, height = img.size
+        label = decode_label_png(raw["label.png"]) if "label.png" in raw else None
+        if label is not None and label.shape != (height, width):
+            raise DataError(f"label {label.shape} != image {(height, width)}")
+        res = self.res
+        out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64),
+                               "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        if res is None:
+            out["label"] = T.label_to_tensor(label, (height, width))
+        elif label is None:
+            out["label"] = T.label_to_tensor(None, (res, res))
+        else:
+            out["label"] = T.label_to_tensor(T.resize_center_crop_label(label, res), (res, res))
+        return out
+
+
 def _parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
     data = raw.get("json")
     if data is None:
@@ -646,7 +675,12 @@ def _parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return default_collate([{k: v for k, v in row.items() if not k.startswith("__")} for row in rows])
+    batch = default_collate([{k: v for k, v in row.items() if not k.startswith("__") and k not in RAGGED_KEYS}
+                             for row in rows])
+    for key in RAGGED_KEYS:
+        if rows and key in rows[0]:
+            batch[key] = [row[key] for row in rows]
+    return batch
 
 
 # ------------------------------------------------------------------------------------ shard sources
@@ -866,7 +900,7 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
         except ValueError:  # DataError, bad JSON, bad UTF-8
             return False
         raw["__meta__"] = meta
-        if self.decode in ("image", "full"):
+        if self.decode in ("image", "full", "encoded"):
             body = "jpg" in raw or "png" in raw
         else:
             body = "feat.npy" in raw and "gap.npy" in raw
