@@ -169,7 +169,7 @@ class _FeatureShardWriter:
 @torch.no_grad()
 def extract_split(backbone, root: str | Path, split: str, cache: str | Path, *, res: int, batch_size: int,
                   device: torch.device, autocast=None, num_workers: int = 0, evaluation: bool = False,
-                  shards_per_worker: int = 4) -> dict:
+                  shards_per_worker: int = 8) -> dict:
     """Write this rank's share of ``split``'s feature shards; return counts and the damaged records.
 
     Ranks take shards round-robin. Shards are read in groups of ``num_workers × shards_per_worker`` by a
@@ -359,4 +359,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if D.is_main_process():
         print(f"feature cache ready: {cache} (train with train.mode=cached data.feature_cache={cache})")
+        for report in sorted(Path(cache).glob(f"*/{DAMAGE_REPORT}")):
+            count = len(json.loads(report.read_text())["damaged"])
+            print(f"skipped {count} damaged records of split '{report.parent.name}' (placeholders in the cache, "
+                  f"listed in {report}; `dist-seg check-data {cfg.data.root}` shows what is wrong)")
     return 0

@@ -30,6 +30,7 @@ import torch
 from dist_seg import distributed as D
 from dist_seg.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
+from dist_seg.data.manifest import DataError
 from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
 from dist_seg.methods import build_method, method_class
 from dist_seg.methods.base import Batch, Method, StepContext
@@ -529,8 +530,8 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
     try:
         cfg = resolve_config(config_fn(), argv)
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     val = result.get("val")
     if D.is_main_process() and val:
@@ -541,6 +542,15 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
         if val.get("label_free") is not None:
             print(f"label-free score (feature silhouette of the predicted clusters): {val['label_free']:.4f}")
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    # A loader worker's error arrives with the worker's traceback in its message; its last line is the error.
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith("dist_seg.") and ": " in last else last
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

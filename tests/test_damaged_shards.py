@@ -195,3 +195,14 @@ def test_masks_skip_damaged_images(damaged, tmp_path):
     info = json.loads(mine_masks(cfg, split="train").read_text())["info"]
     assert named(info["damaged"]) == lost
     assert set(info["empty_image_ids"]) >= {int(k) for _, k in lost}
+
+
+def test_training_stream_without_any_readable_record_stops_with_one_line(clean_root, tmp_path, capsys):
+    root = tmp_path / "toy"
+    shutil.copytree(clean_root, root, ignore=shutil.ignore_patterns("knn", "features"))
+    for shard in (root / "train").glob("shard-*.tar"):
+        truncate_shard(shard, 0.0)
+    # An endless stream with nothing to read would wait forever: it must stop and say why.
+    assert cli.main(["train", DS2DL, *small(root, tmp_path / "run", "train.num_steps=2", "data.num_workers=2")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "no readable record in shard-" in err[0] and "--overwrite" in err[0], err

@@ -138,13 +138,17 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     # Each damaged record is listed once in the report below; the readers' rate-limited warnings would repeat it.
-    logging.getLogger("dist_seg.data.shards").setLevel(logging.ERROR)
+    reader_log = logging.getLogger("dist_seg.data.shards")
+    level = reader_log.level
+    reader_log.setLevel(logging.ERROR)
     try:
         report = check_data(args.root, caches=args.cache, num_workers=max(0, args.workers))
         dataset = read_manifest(args.root).name
     except (DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        reader_log.setLevel(level)
     print(format_report(report, dataset=dataset))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

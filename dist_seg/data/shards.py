@@ -959,7 +959,9 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
             if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(_derive_seed(self.seed, "samples", epoch, self.rank, logical))
                 stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
+            read = 0
             for sample in stream:
+                read += 1
                 if skip > 0:
                     skip -= 1
                     continue
@@ -967,6 +969,12 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
             if not self.infinite:
                 return  # the loader reports the pass once all workers are done
             after = self.skip_counter.snapshot()
+            if read == 0 and urls and after != before:
+                # Every record of this stream's shards is damaged: an endless stream would wait forever.
+                names = sorted({shard_name(u) for u in urls})
+                raise DataError(f"no readable record in {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} "
+                                f"(rank {self.rank}, epoch {epoch}); `dist-seg check-data` lists the damage, "
+                                "`dist-seg prepare ... --overwrite` rewrites the data")
             if after != before:
                 log.warning("epoch %d finished on rank %d worker %d; skipped so far: %s", epoch, self.rank, logical,
                             after)
