@@ -206,3 +206,25 @@ def test_training_stream_without_any_readable_record_stops_with_one_line(clean_r
     assert cli.main(["train", DS2DL, *small(root, tmp_path / "run", "train.num_steps=2", "data.num_workers=2")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "no readable record in shard-" in err[0] and "--overwrite" in err[0], err
+
+
+def _knn_on_rank(rank, world, root):
+    from dist_seg.config import merge
+    from dist_seg.knn_table import build_knn_table
+    from dist_seg.runtime import load_recipe
+
+    cfg = merge(load_recipe(STEGO)(), overrides=small(Path(root), Path(root) / "unused", "data.num_workers=1"))
+    sims, indices, provenance = build_knn_table(cfg, k=5)
+    return {"sims": sims, "indices": indices, "damaged": provenance["damaged"]}
+
+
+def test_two_ranks_build_the_same_table_over_damaged_data(damaged):
+    """Each rank reads its own shards (one of them damaged): the gathered table equals one process's."""
+    from tests.dist_utils import run_distributed
+
+    root, lost = damaged
+    one = _knn_on_rank(0, 1, str(root))
+    for rank, result in enumerate(run_distributed(_knn_on_rank, 2, str(root))):
+        assert named(result["damaged"]) == lost, f"rank {rank} names other damage"
+        assert torch.equal(result["indices"], one["indices"]), f"rank {rank}: table differs from one process"
+        assert torch.allclose(result["sims"], one["sims"], atol=1e-6)
