@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dist_seg.data.prepare", "write image shards for a dataset (toy, folder, cocostuff27, ...)"),
+    "check-data": ("dist_seg.data.check", "read every shard of a dataset and its feature caches; name damaged records"),
     "extract": ("dist_seg.features", "run the frozen backbone once and write feature shards"),
     "knn": ("dist_seg.knn_table", "mine the exact k-nearest-neighbour table of the training crops"),
     "train": ("dist_seg.trainer", "train a method (STEGO, DS2DL, a MaskDistill student) from a recipe"),

@@ -48,6 +48,19 @@ class DataConfig:
     feature_cache: Optional[str] = None
     knn_table: Optional[str] = None
     max_val_samples: Optional[int] = None
+    decode_device: str = "cpu"
+
+
+# -------------------------------------------------------------------------------------------- extract
+@dataclass(kw_only=True)
+class ExtractConfig:
+    """Inference passes over a whole split (``dist-seg extract``, the KNN descriptor pass).
+
+    ``batch_size`` is the *global* number of images per backbone forward, split over the ranks like
+    ``data.batch_size``; it is independent of the training batch because inference holds no gradients.
+    """
+
+    batch_size: int = 256
 
 
 # ------------------------------------------------------------------------------------------- backbone
@@ -190,6 +203,7 @@ class RunConfig:
     num_classes: Optional[int] = None
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     stego: StegoConfig = field(default_factory=StegoConfig)
     ds2dl: DS2DLConfig = field(default_factory=DS2DLConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
@@ -209,6 +223,7 @@ _CHOICES = {
     ("ds2dl", "optimizer"): ("adam", "radam"),
     ("ds2dl", "affinity_target"): ("backbone", "code"),
     ("train", "mode"): ("online", "cached"),
+    ("data", "decode_device"): ("cpu", "cuda"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("backbone", "dtype"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "device"): ("auto", "cuda", "cpu"),
@@ -231,6 +246,7 @@ def validate(cfg: RunConfig) -> None:
         "data.res": cfg.data.res,
         "data.eval_res": cfg.data.eval_res,
         "data.batch_size": cfg.data.batch_size,
+        "extract.batch_size": cfg.extract.batch_size,
         "train.num_steps": cfg.train.num_steps,
         "stego.dim": cfg.stego.dim,
         "stego.feature_samples": cfg.stego.feature_samples,

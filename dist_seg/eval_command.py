@@ -42,6 +42,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
             try:
                 for kind in args.baselines:
                     res = train_baseline(base, kind, crf=args.crf, accelerator=accelerator)
+                    if res["val"] is not None:
+                        res["val"]["damaged_train"] = res.get("data")  # what fitting the probes skipped
                     rows[f"baseline {kind}"] = res["val"]
                     info = res.get("info")
             finally:
@@ -51,6 +53,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
         return 2
     if D.is_main_process():
         print(format_table(rows, title="validation (SPEC §6 protocol)"))
+        for name, res in rows.items():
+            for key, split in (("damaged", "validation"), ("damaged_train", "training")):
+                report = (res or {}).get(key) or {}
+                if report.get("damaged"):
+                    print(f"{name}: skipped {len(report['damaged'])} damaged {split} records (named in the JSON "
+                          f"report under '{key}'; `dist-seg check-data` lists them)")
         for name, res in rows.items():
             if res is not None:
                 save_reports(res, out, class_names=getattr(info, "class_names", None),

@@ -16,11 +16,13 @@ written under a temporary name and renamed when complete, and a re-run skips fin
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,6 +35,8 @@ from dist_seg import distributed as D
 
 log = logging.getLogger(__name__)
 CACHE_INFO = "cache.json"
+DAMAGE_REPORT = "damaged.json"
+MISSING = "missing: the shard ends early or cannot be read"
 
 
 def read_cache_info(cache: str | Path) -> dict:
@@ -112,67 +116,137 @@ def check_feature_cache(cfg, cache: str) -> int:
     return int(info["feat_dim"])
 
 
+def inference_batch(cfg) -> int:
+    """Images per forward pass on this rank for extraction and descriptors: ``extract.batch_size`` split over ranks."""
+    return max(1, cfg.extract.batch_size // D.get_world_size())
+
+
 def _png_bytes(label: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(label.astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
+class _FeatureShardWriter:
+    """Writes one feature shard in index order, under a temporary name until :meth:`close`.
+
+    Feature shard *i* mirrors image shard *i* record for record, so the cache's ``wids.json`` positions
+    equal the image shards' (KNN partners are fetched by position). A record that could not be read from
+    the image shard is written as a placeholder holding only its ``json`` (``{"index", "damaged"}``):
+    readers count and name it as damaged, and no position after it shifts.
+    """
+
+    def __init__(self, target: Path, first: int, count: int) -> None:
+        import webdataset as wds
+
+        self.target, self.first, self.end = target, first, first + count
+        self.tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        self.sink = wds.TarWriter(str(self.tmp))
+        self.next = first
+        self.placeholders: list[int] = []
+
+    def _placeholder(self, index: int, problem: str) -> None:
+        self.sink.write({"__key__": f"{index:09d}", "json": json.dumps({"index": index, "damaged": problem}).encode()})
+        self.placeholders.append(index)
+
+    def write(self, index: int, record: dict, problems: Callable[[], dict[str, str]]) -> None:
+        if not self.next <= index < self.end:
+            raise RuntimeError(f"record {index} arrived out of order for {self.target.name} (expected >= {self.next})")
+        known = problems() if index > self.next else {}  # the reader names a record as it skips it
+        for missing in range(self.next, index):
+            self._placeholder(missing, known.get(f"{missing:09d}", MISSING))
+        self.sink.write({"__key__": f"{index:09d}", **record})
+        self.next = index + 1
+
+    def close(self, problems: dict[str, str]) -> list[int]:
+        for missing in range(self.next, self.end):
+            self._placeholder(missing, problems.get(f"{missing:09d}", MISSING))
+        self.sink.close()
+        os.replace(self.tmp, self.target)
+        return self.placeholders
+
+
 @torch.no_grad()
 def extract_split(backbone, root: str | Path, split: str, cache: str | Path, *, res: int, batch_size: int,
-                  device: torch.device, autocast=None, num_workers: int = 0, evaluation: bool = False) -> dict:
-    """Write this rank's share of ``split``'s feature shards; return counts (written / skipped shards).
+                  device: torch.device, autocast=None, num_workers: int = 0, evaluation: bool = False,
+                  shards_per_worker: int = 8) -> dict:
+    """Write this rank's share of ``split``'s feature shards; return counts and the damaged records.
+
+    Ranks take shards round-robin. Shards are read in groups of ``num_workers × shards_per_worker`` by a
+    loader with ``num_workers`` worker processes (decoding off the main process); each batch of
+    ``batch_size`` images goes through the backbone once and comes back to the host in one copy per
+    tensor. A group's shards are renamed into place when the group ends, so a killed extraction resumes
+    at the first unfinished group.
 
     With ``evaluation=True`` (validation splits, at ``eval_res``) each record also holds the features of
     the horizontally flipped crop and the crop itself, which is all the evaluation protocol needs.
+
+    Returns:
+        ``{"written", "skipped", "samples", "damaged": [{"shard", "key", "problem"}, ...]}`` (shards
+        written and already present, records written with features, records left as placeholders).
     """
-    import webdataset as wds
+    from dist_seg.data.shards import make_loader, resolve_shards, shard_first_indices
 
-    from dist_seg.data.manifest import read_manifest
-    from dist_seg.data.shards import make_loader
-
-    info = read_manifest(root).splits[split]
+    shards = resolve_shards(root, split)
+    first = shard_first_indices(shards)
+    if first is None:
+        raise ValueError(f"{root} split '{split}' has no shard index with sample counts; re-run `dist-seg prepare`")
     out_dir = Path(cache) / split
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = D.get_rank(), D.get_world_size()
-    written = skipped = samples = 0
-    for i, shard in enumerate(info.shards):
-        if i % world != rank:
-            continue
-        target = out_dir / shard
-        if target.exists():
-            skipped += 1
-            continue
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        loader, _ = make_loader([str(Path(root) / split / shard)], split, batch_size=batch_size, res=res,
-                                num_workers=num_workers, shuffle=False, infinite=False, decode="image",
-                                nodesplitter=None)
-        with wds.TarWriter(str(tmp)) as sink:
-            for batch in loader:
-                images = batch["image"].to(device)
-                with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
-                    feats = backbone.patch_features(images).float()
-                    flipped = backbone.patch_features(images.flip(-1)).float() if evaluation else None
-                gap = torch.nn.functional.normalize(feats.mean(dim=(2, 3)), dim=1, eps=1e-10)
-                labels = batch["label"].clone()
-                labels[labels < 0] = 255
-                for j in range(images.shape[0]):
-                    index = int(batch["index"][j])
-                    record = {
-                        "__key__": f"{index:09d}",
-                        "feat.npy": feats[j].half().cpu().numpy(),
-                        "gap.npy": gap[j].cpu().numpy().astype(np.float32),
-                        "label.png": _png_bytes(labels[j].numpy()),
-                        "json": json.dumps({"index": index}).encode(),
-                    }
-                    if evaluation:
-                        record["feat_flip.npy"] = flipped[j].half().cpu().numpy()
-                        record["png"] = _png_bytes(batch["image"][j].permute(1, 2, 0).numpy())
-                    sink.write(record)
-                    samples += 1
-        os.replace(tmp, target)
-        written += 1
-    return {"written": written, "skipped": skipped, "samples": samples}
+    mine = [i for i in range(len(shards.urls)) if i % world == rank]
+    todo = [i for i in mine if not (out_dir / Path(shards.urls[i]).name).exists()]
+    written = samples = 0
+    damaged: list[dict] = []
+    group = max(1, num_workers) * max(1, shards_per_worker)
+    for g in range(0, len(todo), group):
+        ids = todo[g:g + group]
+        writers = {}
+        for i in ids:
+            writers[i] = _FeatureShardWriter(out_dir / Path(shards.urls[i]).name, first[shards.urls[i]],
+                                             shards.nsamples[i])
+        order = sorted(ids, key=lambda i: first[shards.urls[i]])
+        starts = [first[shards.urls[i]] for i in order]
+        loader, _ = make_loader([shards.urls[i] for i in ids], split, batch_size=batch_size, res=res,
+                                num_workers=min(num_workers, len(ids)), shuffle=False, infinite=False,
+                                decode="image", nodesplitter=None)
+
+        def named(counter=loader.skip_counter) -> dict[str, str]:
+            return {r.key: r.problem for r in counter.damaged()}
+
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+                feats = backbone.patch_features(images).float()
+                flipped = backbone.patch_features(images.flip(-1)).float() if evaluation else None
+            gap = torch.nn.functional.normalize(feats.mean(dim=(2, 3)), dim=1, eps=1e-10)
+            # One device-to-host copy per tensor for the whole batch, then plain numpy slicing per record.
+            feats_host = feats.half().cpu().numpy()
+            gap_host = gap.float().cpu().numpy()
+            flip_host = flipped.half().cpu().numpy() if evaluation else None
+            labels = batch["label"].numpy().copy()
+            labels[labels < 0] = 255
+            images_host = batch["image"].permute(0, 2, 3, 1).numpy() if evaluation else None
+            for j, index in enumerate(batch["index"].tolist()):
+                record = {
+                    "feat.npy": feats_host[j],
+                    "gap.npy": gap_host[j],
+                    "label.png": _png_bytes(labels[j]),
+                    "json": json.dumps({"index": index}).encode(),
+                }
+                if evaluation:
+                    record["feat_flip.npy"] = flip_host[j]
+                    record["png"] = _png_bytes(images_host[j])
+                writers[order[bisect.bisect_right(starts, index) - 1]].write(index, record, named)
+                samples += 1
+        problems = {r.key: r.problem for r in loader.skip_counter.damaged()}
+        for i in ids:
+            for index in writers[i].close(problems):
+                key = f"{index:09d}"
+                damaged.append({"shard": Path(shards.urls[i]).name, "key": key,
+                                "problem": problems.get(key, MISSING)})
+            written += 1
+    return {"written": written, "skipped": len(mine) - len(todo), "samples": samples, "damaged": damaged}
 
 
 def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = None, accelerator=None) -> Path:
@@ -205,9 +279,11 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
             evaluation = split == cfg.data.val_split
             counts = extract_split(backbone, cfg.data.root, split, cache_dir,
                                    res=cfg.data.eval_res if evaluation else cfg.data.res,
-                                   batch_size=max(1, cfg.data.batch_size // accelerator.num_processes),
+                                   batch_size=inference_batch(cfg), num_workers=cfg.data.num_workers,
                                    device=accelerator.device, autocast=accelerator.autocast, evaluation=evaluation)
-            log.info("rank %d: split %s: %s", accelerator.process_index, split, counts)
+            log.info("rank %d: split %s: %d shards written, %d already present, %d records", accelerator.process_index,
+                     split, counts["written"], counts["skipped"], counts["samples"])
+            _report_damage(cache_dir, split, counts["damaged"])
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _write_cache_manifest(cache_dir, manifest, splits, provenance)
@@ -216,6 +292,23 @@ def extract(cfg, *, splits: Optional[list[str]] = None, cache: Optional[str] = N
     finally:
         if own:
             accelerator.end_training()
+
+
+def _report_damage(cache_dir: Path, split: str, damaged: list[dict]) -> None:
+    """Gather every rank's damaged records, log them and write ``<cache>/<split>/damaged.json`` (collective)."""
+    from dist_seg.data.shards import DamagedRecord, describe_damage
+
+    everything = sorted((r for part in D.all_gather_object(damaged) for r in part),
+                        key=lambda r: (r["shard"], r["key"]))
+    if not D.is_main_process():
+        return
+    path = cache_dir / split / DAMAGE_REPORT
+    if everything:
+        log.warning("split %s: %d damaged records written as placeholders (skipped by every reader): %s; the list is "
+                    "in %s", split, len(everything), describe_damage([DamagedRecord(**r) for r in everything]), path)
+        path.write_text(json.dumps({"split": split, "damaged": everything}, indent=1) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_cache_manifest(cache_dir: Path, manifest, splits: list[str], provenance: dict) -> None:
@@ -267,4 +360,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if D.is_main_process():
         print(f"feature cache ready: {cache} (train with train.mode=cached data.feature_cache={cache})")
+        for report in sorted(Path(cache).glob(f"*/{DAMAGE_REPORT}")):
+            count = len(json.loads(report.read_text())["damaged"])
+            print(f"skipped {count} damaged records of split '{report.parent.name}' (placeholders in the cache, "
+                  f"listed in {report}; `dist-seg check-data {cfg.data.root}` shows what is wrong)")
     return 0

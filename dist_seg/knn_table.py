@@ -31,6 +31,8 @@ __all__ = [
     "KnnTableError",
     "build_knn_table",
     "compute_descriptors",
+    "fill_missing_rows",
+    "gather_descriptors",
     "configure_parser",
     "ensure_knn_table",
     "load_knn_table",
@@ -156,18 +158,35 @@ def _local_descriptors(
     return torch.cat(indices), torch.cat(descs)
 
 
-def _assemble(index: torch.Tensor, desc: torch.Tensor, num_samples: int) -> torch.Tensor:
+def _assemble(index: torch.Tensor, desc: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(descriptors [N, C] in index order, bool [N]: which samples were read)."""
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_samples):
         raise ValueError(f"sample index out of range 0..{num_samples - 1}: {int(index.min())}..{int(index.max())}")
     full = torch.zeros((num_samples, desc.shape[1]), dtype=torch.float32, device=desc.device)
     seen = torch.zeros(num_samples, dtype=torch.bool, device=desc.device)
     full[index] = desc.float()
     seen[index] = True
-    if not bool(seen.all()):
-        missing = (~seen).nonzero().squeeze(1)[:10].tolist()
-        raise ValueError(f"descriptors missing for {int((~seen).sum())} of {num_samples} samples (first: {missing}); "
-                         "every sample of the split must be read once (shuffle=False, infinite=False)")
-    return full
+    return full, seen
+
+
+def gather_descriptors(
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    num_samples: int,
+    backbone=None,
+    device: Union[str, torch.device] = "cpu",
+    gather: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`compute_descriptors`, but samples nobody could read are allowed.
+
+    Returns:
+        ``(descriptors float32 [num_samples, C], present bool [num_samples])``; rows of absent samples
+        (damaged records the loader skipped) are zero.
+    """
+    index, desc = _local_descriptors(batches, backbone=backbone, device=device)
+    if gather:
+        index, desc = D.all_gather_variable(index), D.all_gather_variable(desc.float())
+    return _assemble(index, desc, num_samples)
 
 
 def compute_descriptors(
@@ -191,10 +210,35 @@ def compute_descriptors(
     Returns:
         float32 ``[num_samples, C]`` L2-normalised descriptors (on every rank when ``gather``).
     """
-    index, desc = _local_descriptors(batches, backbone=backbone, device=device)
-    if gather:
-        index, desc = D.all_gather_variable(index), D.all_gather_variable(desc.float())
-    return _assemble(index, desc, num_samples)
+    full, seen = gather_descriptors(batches, num_samples=num_samples, backbone=backbone, device=device, gather=gather)
+    if not bool(seen.all()):
+        missing = (~seen).nonzero().squeeze(1)[:10].tolist()
+        raise ValueError(f"descriptors missing for {int((~seen).sum())} of {num_samples} samples (first: {missing}); "
+                         "every sample of the split must be read once (shuffle=False, infinite=False)")
+    return full
+
+
+def fill_missing_rows(sims: torch.Tensor, indices: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """Expand a table over the present samples to all N samples, for damaged (absent) ones.
+
+    ``sims``/``indices`` are ``[M, k]`` over the present samples, indices already in global numbering.
+    An absent sample is never a neighbour (it was not searched); its own row points at the ``k`` present
+    samples that follow it in index order (cyclically), with similarity ``-inf``, so that any lookup by
+    index stays valid although the stream never yields it as an anchor.
+    """
+    num_samples, k = present.shape[0], indices.shape[1]
+    full_idx = torch.empty((num_samples, k), dtype=torch.long, device=indices.device)
+    full_sims = torch.full((num_samples, k), float("-inf"), dtype=sims.dtype, device=sims.device)
+    valid = present.nonzero().squeeze(1).to(indices.device)
+    full_idx[valid] = indices
+    full_sims[valid.to(sims.device)] = sims
+    absent = (~present).nonzero().squeeze(1).to(indices.device)
+    if absent.numel():
+        after = torch.searchsorted(valid, absent)  # position of the first present sample past each absent one
+        offsets = (after[:, None] + torch.arange(k, device=indices.device)[None, :]) % valid.numel()
+        full_idx[absent] = valid[offsets]
+    return full_sims, full_idx
 
 
 # ------------------------------------------------------------------------------------ tables of runs
@@ -279,6 +323,7 @@ def build_knn_table(
     """
     from dist_seg.data.manifest import read_manifest
     from dist_seg.data.shards import make_loader
+    from dist_seg.features import inference_batch
 
     read_manifest(cfg.data.root).split(cfg.data.train_split)  # a missing dataset is reported before any model loads
     device = torch.device(device)
@@ -286,25 +331,53 @@ def build_knn_table(
     provenance = expected_provenance(cfg, weights_id=weights_id)
     provenance["source"] = "feature cache" if cache is not None else "images"
     split, num_samples = cfg.data.train_split, provenance["num_samples"]
-    if k > num_samples - 1:
-        log.warning("only %d samples: storing %d neighbours instead of %d", num_samples, num_samples - 1, k)
-        k = num_samples - 1
     loader, _ = make_loader(cache if cache is not None else cfg.data.root, split,
-                            batch_size=max(1, cfg.data.batch_size // D.get_world_size()), res=cfg.data.res,
+                            batch_size=inference_batch(cfg), res=cfg.data.res,
                             num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle=False, infinite=False,
                             decode="features" if cache is not None else "image")
     start = time.perf_counter()
-    full = compute_descriptors(loader, num_samples=num_samples, backbone=backbone, device=device, gather=True)
+    full, present = gather_descriptors(loader, num_samples=num_samples, backbone=backbone, device=device, gather=True)
     provenance["descriptor_seconds"] = round(time.perf_counter() - start, 3)
+    # Damaged records (skipped by the loader on some rank) are absent: the table is built over the samples that
+    # exist, so no sample is ever paired with a missing one (see fill_missing_rows for the absent rows).
+    provenance["damaged"] = _absent_records(cache if cache is not None else cfg.data.root, split, present)
+    valid = present.nonzero().squeeze(1)
+    count = valid.numel()
+    if count < 2:
+        from dist_seg.data.manifest import DataError
+
+        raise DataError(f"only {count} of {num_samples} samples of '{split}' could be read; repair the data "
+                        f"(`dist-seg check-data {cfg.data.root}` lists what is damaged, `dist-seg prepare ... "
+                        "--overwrite` rewrites it)")
+    if k > count - 1:
+        log.warning("only %d readable samples: storing %d neighbours instead of %d", count, count - 1, k)
+        k = count - 1
     rank, world = D.get_rank(), D.get_world_size()
-    lo, hi = rank * num_samples // world, (rank + 1) * num_samples // world
+    lo, hi = rank * count // world, (rank + 1) * count // world
     start = time.perf_counter()
     # `full` is already on every rank: the search reuses it as its keys instead of gathering it again (C14).
-    sims, indices = distributed_knn(full[lo:hi], k, exclude_self=True, backend=backend, chunk_size=chunk_size,
-                                    keys=full)
+    keys = full[valid]
+    sims, indices = distributed_knn(keys[lo:hi], k, exclude_self=True, backend=backend, chunk_size=chunk_size,
+                                    keys=keys)
+    sims, indices = fill_missing_rows(sims, valid.to(indices.device)[indices], present)
     provenance["search_seconds"] = round(time.perf_counter() - start, 3)
     provenance["world_size"] = world
     return sims.cpu(), indices.cpu(), provenance
+
+
+def _absent_records(root, split: str, present: torch.Tensor) -> list[dict[str, str]]:
+    """(shard, key) of every sample that no rank could read, named from the split's shard sizes."""
+    from dist_seg.data.shards import locate_record, resolve_shards
+
+    absent = (~present).nonzero().squeeze(1).tolist()
+    if not absent:
+        return []
+    shards = resolve_shards(root, split)
+    out = [{"shard": r.shard, "key": r.key} for r in (locate_record(shards, index) for index in absent)]
+    log.warning("KNN table: %d of %d samples could not be read and are left out (never a neighbour): %s",
+                len(absent), present.numel(), ", ".join(f"{r['shard']}/{r['key']}" for r in out[:20])
+                + (" ..." if len(out) > 20 else ""))
+    return out
 
 
 _VOLATILE = ("source", "descriptor_seconds", "search_seconds", "world_size", "k", "format")
@@ -334,7 +407,10 @@ def ensure_knn_table(
             weights_id = read_cache_info(cache).get("weights_id")
         else:
             backbone, _, weights_id = _descriptor_source(cfg, backbone=backbone, device=device)
-        _, indices, _ = load_knn_table(path, expect=expected_provenance(cfg, weights_id=weights_id))
+        _, indices, meta = load_knn_table(path, expect=expected_provenance(cfg, weights_id=weights_id))
+        if meta.get("damaged"):
+            log.warning("the KNN table %s leaves out %d damaged samples (never used as neighbours); once the data "
+                        "is repaired, re-run `dist-seg knn` to include them", path, len(meta["damaged"]))
         return indices
     log.info("no KNN table at %s: mining it now (exact)", path)
     _, indices, _ = _build_and_save(cfg, path, backbone=backbone, cache=cache, device=device, k=k, backend=backend)
@@ -386,6 +462,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"knn table: {indices.shape[0]} samples x {indices.shape[1]} neighbours -> {path} "
                   f"(descriptors {provenance['descriptor_seconds']:.1f}s, search {provenance['search_seconds']:.1f}s "
                   f"on {provenance['world_size']} process(es))")
+            if provenance["damaged"]:
+                print(f"skipped {len(provenance['damaged'])} damaged records (left out of the table, listed in its "
+                      f"provenance; `dist-seg check-data {cfg.data.root}` shows what is wrong)")
         return 0
     except (BackboneWeightsError, DataError, KnnTableError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 from dist_seg import distributed as D
 from dist_seg.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
+from dist_seg.data.manifest import DataError
 from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
 from dist_seg.methods import build_method, method_class
 from dist_seg.methods.base import Batch, Method, StepContext
@@ -151,6 +153,12 @@ class Trainer:
         if self.images_in and cfg.train.mode == "cached":
             raise ConfigError(f"method {cfg.method!r} trains on images, not cached features: set train.mode=online")
         self.info = read_data_info(cfg)
+        if cfg.train.mode == "online":
+            from dist_seg.data.transforms import check_decode_device
+
+            check_decode_device(cfg.data.decode_device)
+            log.info("training images decoded on %s", "the GPU (JPEG shards, torchvision.io.decode_jpeg; PNG shards "
+                     "on the CPU)" if cfg.data.decode_device == "cuda" else "the CPU (loader workers)")
         self.backbone = None
         if not self.images_in and (cfg.train.mode == "online" or (self.info.has_val and not self.info.val_cached)):
             from dist_seg.backbones import backbone_dtype, load_backbone
@@ -260,8 +268,13 @@ class Trainer:
             root, split, batch_size=self.local_batch, res=res,
             num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, shuffle=shuffle,
             infinite=infinite, start_batch=start_batch, shuffle_buffer=self.cfg.data.shuffle_buffer,
-            decode=decode, half_features=True, pin_memory=self.device.type == "cuda", batch_stage=stage,
+            decode=self._image_decode(infinite) if decode == "image" else decode, half_features=True,
+            pin_memory=self.device.type == "cuda", batch_stage=stage,
         )
+
+    def _image_decode(self, training_stream: bool) -> str:
+        # data.decode_device=cuda: the training stream yields JPEG bytes, decoded on the GPU in _batches.
+        return "encoded" if training_stream and self.cfg.data.decode_device == "cuda" else "image"
 
     def _knn_indices(self) -> torch.Tensor:
         from dist_seg.knn_table import ensure_knn_table
@@ -299,13 +312,16 @@ class Trainer:
         # Batches arrive with each anchor's KNN partner (read in the loader's workers, SPEC §2).
         loader, _ = self._loader(self.cfg.data.train_split, infinite=True, shuffle=True, start_batch=self.step,
                                  partners=self.needs_partners)
+        self.train_skips = loader.skip_counter  # read by fit() for the run's damaged-data report
         for raw in self._timed(loader):
             yield self.batch_from(raw)
 
     def batch_from(self, raw: dict) -> Batch:
         """The method's :class:`Batch` of a training loader batch (inputs on the device, copies non-blocking)."""
-        from dist_seg.data.transforms import normalize
+        from dist_seg.data.transforms import decode_jpeg_batch, normalize
 
+        if "jpeg" in raw:  # data.decode_device=cuda: JPEG bytes decoded and resized on the GPU
+            raw["image"] = decode_jpeg_batch(raw["jpeg"], self.cfg.data.res, self.device)
         label = raw["label"].to(self.device, non_blocking=True) if self.info.has_train_labels else None
         if self.images_in:
             return Batch(images=normalize(raw["image"].to(self.device, non_blocking=True)), label=label,
@@ -434,6 +450,7 @@ class Trainer:
         status = "FAILED"
         try:
             result = self._loop()
+            result["data"] = self._data_report()
             status = "FINISHED" if not self._stop_requested else "KILLED"
             return result
         finally:
@@ -550,6 +567,21 @@ class Trainer:
             log.info("step %d/%d: loss %.4f, %.1f crops/s, %.0f%% of step time waiting for data", self.step,
                      cfg.train.num_steps, metrics["loss"], crops_per_s, 100 * data_wait)
 
+    def _data_report(self) -> dict:
+        """Damaged training records this run skipped, over all ranks (collective); logged, tracked and written
+        to ``<output_dir>/damaged.json`` when there are any."""
+        from dist_seg.data.shards import DamagedRecord, describe_damage, gather_damage
+
+        report = gather_damage(getattr(self, "train_skips", None))
+        if self.accelerator.is_main_process and (report["skipped_samples"] or report["damaged"]):
+            path = Path(self.cfg.train.output_dir) / "damaged.json"
+            path.write_text(json.dumps(report, indent=1) + "\n")
+            log.warning("training skipped %d damaged records (%d shard errors): %s; listed in %s",
+                        report["skipped_samples"], report["shard_errors"],
+                        describe_damage([DamagedRecord(**r) for r in report["damaged"]]), path)
+            self.tracker.log_metrics({"data/skipped_records": float(report["skipped_samples"])}, step=self.step)
+        return report
+
     def _validate_and_select(self, final: bool = False) -> Optional[dict]:
         from dist_seg.eval.evaluate import save_reports, summary
 
@@ -649,8 +681,8 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
     try:
         cfg = resolve_config(config_fn(), argv)
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     val = result.get("val")
     if D.is_main_process() and val:
@@ -661,6 +693,15 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
         if val.get("label_free") is not None:
             print(f"label-free score (feature silhouette of the predicted clusters): {val['label_free']:.4f}")
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    # A loader worker's error arrives with the worker's traceback in its message; its last line is the error.
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith("dist_seg.") and ": " in last else last
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -44,3 +44,36 @@ def collect(loader, limit: int | None = None) -> list[dict]:
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+# ------------------------------------------------------------------------------------- damaged shards
+def truncate_shard(path: Path, keep_fraction: float = 0.5) -> None:
+    """Cut a shard as an interrupted copy leaves it: only the first ``keep_fraction`` of its bytes."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def garbage_member(path: Path, position: int = 1, suffixes: tuple[str, ...] = (".jpg", ".png", ".feat.npy")) -> str:
+    """Replace the image (or features) of the ``position``-th record of a shard by random bytes; return its key.
+
+    The tar stays well formed (a valid header, same member name), so only that one record is damaged.
+    """
+    import io
+    import tarfile
+
+    path = Path(path)
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isreg() else None) for m in tf.getmembers()]
+    keys = sorted({m.name.split(".", 1)[0] for m, _ in members})
+    key = keys[position]
+    buf = io.BytesIO()
+    rng = np.random.default_rng(position)
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for member, data in members:
+            base, ext = member.name.split(".", 1)
+            if base == key and ("." + ext) in suffixes and not member.name.endswith(".label.png"):
+                data = rng.integers(0, 256, size=len(data), dtype=np.uint8).tobytes()
+            member.size = len(data) if data is not None else 0
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    path.write_bytes(buf.getvalue())
+    return key

@@ -100,13 +100,14 @@ def test_bench_data_times_stream_and_indexed_reads(tmp_path, capsys):
             "--json", str(out)]
     assert tool.main(args) == 0
     info = json.loads(out.read_text())
-    expected = {f"{d}-stream-w{w}" for d in ("image", "features") for w in (0, 1)} | {"image-indexed",
-                                                                                      "features-indexed"}
+    formats = ("jpg", "png", "features")
+    expected = {f"{d}-stream-w{w}" for d in formats for w in (0, 1)} | {f"{d}-indexed" for d in formats}
     assert set(info["results"]) == expected, f"cases: {sorted(info['results'])}"
     for name, entry in info["results"].items():
         assert positive(entry["samples_per_s_median"]) and positive(entry["bound_samples_per_s"]), name
+        assert entry["samples_per_s_per_worker"] == entry["samples_per_s_median"], "0 or 1 worker: same rate"
     assert info["feature_shape"] == [16, 4, 4]
-    assert not (root / "images").exists() and not (root / "features").exists(), "written data must be removed"
+    assert not any((root / d).exists() for d in formats), "written data must be removed"
     assert "samples/s" in capsys.readouterr().out
 
     # --keep leaves the data for the next run, which then reuses it instead of writing again.

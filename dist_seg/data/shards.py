@@ -23,6 +23,7 @@ way it was read:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -35,7 +36,6 @@ import os
 import random
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,9 @@ WIDS_KIND = "wids-shard-index-v1"
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_FORMATS = ("jpg", "png")
 JPEG_QUALITY = 95
-DECODE_MODES = ("image", "features", "full")
+DECODE_MODES = ("image", "features", "full", "encoded")
+# Rows of these keys differ in length (encoded JPEG bytes): batches hold them as lists.
+RAGGED_KEYS = ("jpeg",)
 
 
 # ----------------------------------------------------------------------------------------- samples
@@ -402,12 +404,38 @@ def write_split(
 
 
 # ---------------------------------------------------------------------------------- skip counting
-class SkipCounter:
-    """Counts what the readers skipped, across DataLoader worker processes.
+@dataclass(frozen=True)
+class DamagedRecord:
+    """One record a reader could not use: which shard (file name), which key, what was wrong."""
 
-    The counts live in shared memory (``multiprocessing.Value``), so increments made inside workers
-    are visible to the process that owns the loader. Warnings are rate-limited: the first
-    ``warn_first`` events, then every ``warn_every``-th.
+    shard: str
+    key: str
+    problem: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"shard": self.shard, "key": self.key, "problem": self.problem}
+
+
+class DamagedRecordError(DataError):
+    """A record that cannot be decoded; carries where it is so the skip can be named."""
+
+    def __init__(self, shard: str, key: str, problem: str) -> None:
+        super().__init__(f"record {key} of {shard}: {problem}")
+        self.record = DamagedRecord(shard=shard, key=key, problem=problem)
+
+
+def shard_name(url: Any) -> str:
+    """The file name of a shard URL (what reports show; a dataset's shards have unique names)."""
+    return os.path.basename(urlparse(str(url)).path) or str(url)
+
+
+class SkipCounter:
+    """Counts and names what the readers skipped, across DataLoader worker processes.
+
+    The counts and the names live in shared memory (``multiprocessing.Value`` / ``Array``), so what
+    workers record is visible to the process that owns the loader. The first ``max_name_bytes`` of names
+    are kept (each damaged (shard, key) once, however many epochs meet it); beyond that only the counts
+    grow. Warnings are rate-limited: the first ``warn_first`` events, then every ``warn_every``-th.
 
     Attributes (read-only properties):
         skipped_samples: records lost: unreadable or incomplete records, records of a shard that could
@@ -415,10 +443,12 @@ class SkipCounter:
         shard_errors: errors raised while opening or reading a tar file.
     """
 
-    def __init__(self, *, warn_first: int = 10, warn_every: int = 100) -> None:
+    def __init__(self, *, warn_first: int = 10, warn_every: int = 100, max_name_bytes: int = 1 << 16) -> None:
         self._samples = multiprocessing.Value("q", 0)
         self._shards = multiprocessing.Value("q", 0)
         self._events = multiprocessing.Value("q", 0)
+        self._names = multiprocessing.Array("c", max_name_bytes)
+        self._used = multiprocessing.Value("q", 0)
         self.warn_first = warn_first
         self.warn_every = warn_every
 
@@ -434,7 +464,7 @@ class SkipCounter:
         return {"skipped_samples": self.skipped_samples, "shard_errors": self.shard_errors}
 
     def reset(self) -> None:
-        for v in (self._samples, self._shards, self._events):
+        for v in (self._samples, self._shards, self._events, self._used):
             with v.get_lock():
                 v.value = 0
 
@@ -449,26 +479,82 @@ class SkipCounter:
         if n <= self.warn_first or n % self.warn_every == 0:
             log.warning("skipping corrupt data (event %d; %s): %s", n, self.snapshot(), message)
 
+    def name(self, record: DamagedRecord) -> None:
+        """Remember a damaged record (once per (shard, key)) for :meth:`damaged`; counts are separate."""
+        line = f"{record.shard}\t{record.key}\t{record.problem}".replace("\n", " ")[:300] + "\n"
+        data = line.encode("utf-8", "replace")
+        prefix = f"{record.shard}\t{record.key}\t".encode()
+        with self._used.get_lock():
+            used = self._used.value
+            held = self._names.raw[:used]
+            if held.startswith(prefix) or (b"\n" + prefix) in held or used + len(data) > len(self._names):
+                return
+            self._names[used:used + len(data)] = data
+            self._used.value = used + len(data)
+
+    def damaged(self) -> list[DamagedRecord]:
+        """The damaged records named so far, in the order they were met."""
+        with self._used.get_lock():
+            text = self._names.raw[: self._used.value].decode("utf-8", "replace")
+        return [DamagedRecord(*line.split("\t", 2)) for line in text.splitlines() if line.count("\t") >= 2]
+
+    def report(self) -> dict[str, Any]:
+        """Counts plus the named records, for a stage's JSON report."""
+        named = self.damaged()
+        return {**self.snapshot(), "damaged": [r.as_dict() for r in named],
+                "unnamed": max(0, self.skipped_samples - len(named))}
+
     def shard_handler(self, exn: BaseException) -> bool:
-        """webdataset handler for tar-level errors: count, warn, continue."""
+        """webdataset handler for tar-level errors: count, warn, continue (the records it loses are named
+        by the stream, which knows which keys the shard should have delivered)."""
         self._bump(self._shards, 1)
         self._warn(f"{type(exn).__name__}: {exn}")
         return True
 
     def sample_handler(self, exn: BaseException) -> bool:
-        """webdataset handler for record-level errors (decoding): count, warn, continue."""
+        """webdataset handler for record-level errors (decoding): count, name, warn, continue."""
         self._bump(self._samples, 1)
+        if isinstance(exn, DamagedRecordError):
+            self.name(exn.record)
         self._warn(f"{type(exn).__name__}: {exn}")
         return True
 
-    def add_samples(self, n: int, message: str) -> None:
+    def add_samples(self, n: int, message: str, records: Sequence[DamagedRecord] = ()) -> None:
         """Count ``n`` records lost for a reason found outside a handler (e.g. missing from a shard)."""
+        for record in records:
+            self.name(record)
         if n > 0:
             self._bump(self._samples, n)
             self._warn(message)
 
 
+def gather_damage(counter: SkipCounter | None) -> dict[str, Any]:
+    """What a loader skipped, summed and named over all ranks (collective: every rank calls it).
+
+    Returns:
+        ``{"skipped_samples", "shard_errors", "damaged": [{"shard", "key", "problem"}, ...]}`` (sorted by
+        shard and key; each record once).
+    """
+    from dist_seg import distributed as D
+
+    mine = counter.report() if counter is not None else {"skipped_samples": 0, "shard_errors": 0, "damaged": []}
+    parts = D.all_gather_object(mine)
+    named = {(r["shard"], r["key"]): r for part in parts for r in part["damaged"]}
+    return {"skipped_samples": sum(p["skipped_samples"] for p in parts),
+            "shard_errors": sum(p["shard_errors"] for p in parts),
+            "damaged": [named[key] for key in sorted(named)]}
+
+
 # ----------------------------------------------------------------------------------------- decoding
+def _describe_error(err: BaseException) -> str:
+    # webdataset's DecodingError carries the member (``k``) and the real error as its cause, not as a message.
+    member = getattr(err, "k", None)
+    cause = err.__cause__ or err.__context__
+    if member is not None and cause is not None:
+        return f"{member} cannot be decoded ({type(cause).__name__}: {cause})"
+    return f"{type(err).__name__}: {err}"
+
+
 class RecordDecoder:
     """Turns a raw record (``{extension: bytes}``) into the tensors a batch row holds.
 
@@ -483,6 +569,10 @@ class RecordDecoder:
     ``half_features`` ``feat`` and ``feat_flip`` keep the fp16 they are stored in, so half the bytes cross to
     the device, where the reader expands them. ``labels=False`` skips the label PNG (rows then carry an
     all-ignore label): KNN partners need none, and decoding it is a third of a small record's cost.
+    ``decode="encoded"`` (``data.decode_device=cuda``): like ``"image"``, but a JPEG record's image is
+    not decoded: ``jpeg`` holds its bytes as a uint8 tensor (batches keep a list), to be decoded and
+    resized on the GPU by :func:`dist_seg.data.transforms.decode_jpeg_batch`. Only the JPEG header is read
+    here (size check against the label). PNG records are decoded as with ``"image"``.
     """
 
     def __init__(self, *, decode: str = "image", res: int | None = None, half_features: bool = False,
@@ -502,15 +592,26 @@ class RecordDecoder:
         )
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._decode(raw)
+        except DamagedRecordError:
+            raise
+        except Exception as err:  # noqa: BLE001 - PIL/numpy/json fail on garbage with many error types
+            raise DamagedRecordError(shard_name(raw.get("__url__", "?")), str(raw.get("__key__")),
+                                     _describe_error(err)) from err
+
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         meta = raw.get("__meta__")
         if meta is None:
             meta = _parse_meta(raw)
         if not self.labels:
             raw = {k: v for k, v in raw.items() if k != "label.png"}
+        if self.mode == "encoded" and "jpg" in raw:
+            return self._encoded(raw, meta)
         sample = self._decoder(raw)
         label = sample.get("label.png")
         out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64)}
-        if self.mode in ("image", "full"):
+        if self.mode in ("image", "full", "encoded"):
             image = sample.get("jpg", sample.get("png"))
             if image is None:
                 raise DataError(f"record {raw.get('__key__')} has no jpg/png image")
@@ -550,6 +651,27 @@ class RecordDecoder:
         return out
 
 
+    def _encoded(self, raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        data = bytes(raw["jpg"])
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.format != "JPEG":
+                raise DataError(f"jpg member is a {img.format} image, not JPEG")
+            width, height = img.size
+        label = decode_label_png(raw["label.png"]) if "label.png" in raw else None
+        if label is not None and label.shape != (height, width):
+            raise DataError(f"label {label.shape} != image {(height, width)}")
+        res = self.res
+        out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64),
+                               "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        if res is None:
+            out["label"] = T.label_to_tensor(label, (height, width))
+        elif label is None:
+            out["label"] = T.label_to_tensor(None, (res, res))
+        else:
+            out["label"] = T.label_to_tensor(T.resize_center_crop_label(label, res), (res, res))
+        return out
+
+
 def _parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
     data = raw.get("json")
     if data is None:
@@ -561,7 +683,12 @@ def _parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return default_collate([{k: v for k, v in row.items() if not k.startswith("__")} for row in rows])
+    batch = default_collate([{k: v for k, v in row.items() if not k.startswith("__") and k not in RAGGED_KEYS}
+                             for row in rows])
+    for key in RAGGED_KEYS:
+        if rows and key in rows[0]:
+            batch[key] = [row[key] for row in rows]
+    return batch
 
 
 # ------------------------------------------------------------------------------------ shard sources
@@ -637,6 +764,48 @@ def resolve_shards(root: PathLike | Sequence[str], split: str) -> ShardSet:
         raise DataError(f"{text} is neither a prepared dataset folder nor existing shards; "
                         f"prepare a dataset with `dist-seg prepare toy --out DIR` (or `dist-seg prepare folder`)")
     return ShardSet(urls=urls, nsamples=None, has_labels=None)
+
+
+def shard_first_indices(shards: ShardSet) -> dict[str, int] | None:
+    """Global index of each shard's first record (records are keyed by global index), or None."""
+    if shards.nsamples is None:
+        return None
+    starts = np.concatenate([[0], np.cumsum(shards.nsamples)[:-1]]).tolist()
+    return dict(zip(shards.urls, (int(x) for x in starts)))
+
+
+def locate_record(shards: ShardSet, index: int) -> DamagedRecord:
+    """Where global record ``index`` of a prepared split lives: ``DamagedRecord(shard, key, "")``."""
+    first = shard_first_indices(shards)
+    if first is None:
+        return DamagedRecord("?", f"{index:09d}", "")
+    starts = sorted((start, url) for url, start in first.items())
+    url = starts[bisect.bisect_right([start for start, _ in starts], index) - 1][1]
+    return DamagedRecord(shard_name(url), f"{index:09d}", "")
+
+
+def missing_records(shards: ShardSet, urls: Sequence[str], delivered: dict[str, set],
+                    incomplete: Sequence[DamagedRecord] = ()) -> tuple[int, list[DamagedRecord]]:
+    """What a pass over ``urls`` lost: ``(count, named records)``.
+
+    A shard of a prepared split holds the keys ``first .. first+n-1`` (``f"{index:09d}"``); every key not
+    in ``delivered[url]`` is lost. Without sample counts (plain URL lists) only ``incomplete`` is known.
+    """
+    first = shard_first_indices(shards)
+    if first is None:
+        return len(incomplete), list(incomplete)
+    problems = {(r.shard, r.key): r.problem for r in incomplete}
+    named: list[DamagedRecord] = []
+    expected = dict(zip(shards.urls, shards.nsamples))
+    for url in dict.fromkeys(urls):
+        got = delivered.get(url, set())
+        name = shard_name(url)
+        for index in range(first[url], first[url] + expected[url]):
+            key = f"{index:09d}"
+            if key not in got:
+                named.append(DamagedRecord(name, key, problems.get(
+                    (name, key), "missing: the shard ends early or cannot be read")))
+    return len(named), named
 
 
 def _derive_seed(*keys: Any) -> int:
@@ -739,7 +908,7 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
         except ValueError:  # DataError, bad JSON, bad UTF-8
             return False
         raw["__meta__"] = meta
-        if self.decode in ("image", "full"):
+        if self.decode in ("image", "full", "encoded"):
             body = "jpg" in raw or "png" in raw
         else:
             body = "feat.npy" in raw and "gap.npy" in raw
@@ -747,24 +916,23 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
         return body and (not needs_label or "label.png" in raw)
 
     def _checked(self, raw: Iterator[dict], urls: list[str], epoch: int) -> Iterator[dict]:
-        complete: Counter = Counter()
-        incomplete: Counter = Counter()
+        delivered: dict[str, set] = {u: set() for u in urls}
+        incomplete: list[DamagedRecord] = []
         for sample in raw:
             if self._complete(sample):
-                complete[sample["__url__"]] += 1
+                delivered.setdefault(sample["__url__"], set()).add(sample["__key__"])
                 yield sample
             else:
-                incomplete[sample.get("__url__")] += 1
+                meta = sample.get("__meta__") or {}
+                problem = (f"damaged in the source shards ({meta['damaged']})" if meta.get("damaged")
+                           else "incomplete record (metadata, image/features or label missing)")
+                incomplete.append(DamagedRecord(shard_name(sample.get("__url__")), str(sample.get("__key__")),
+                                                problem))
                 self.skip_counter._warn(f"incomplete record {sample.get('__key__')} in {sample.get('__url__')}")
-        lost = 0
-        if self.shards.nsamples is not None:
-            expected = dict(zip(self.shards.urls, self.shards.nsamples))
-            lost = sum(max(0, expected[u] - complete[u]) for u in urls)
-        else:
-            lost = sum(incomplete.values())
+        lost, named = missing_records(self.shards, urls, delivered, incomplete)
         if lost:
             self.skip_counter.add_samples(lost, f"{lost} records missing or incomplete in epoch {epoch} "
-                                                f"(rank {self.rank}, shards {sorted(set(urls))[:4]}...)")
+                                                f"(rank {self.rank}, shards {sorted(set(urls))[:4]}...)", named)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
@@ -799,7 +967,9 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
             if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(_derive_seed(self.seed, "samples", epoch, self.rank, logical))
                 stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
+            read = 0
             for sample in stream:
+                read += 1
                 if skip > 0:
                     skip -= 1
                     continue
@@ -807,6 +977,12 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
             if not self.infinite:
                 return  # the loader reports the pass once all workers are done
             after = self.skip_counter.snapshot()
+            if read == 0 and urls and after != before:
+                # Every record of this stream's shards is damaged: an endless stream would wait forever.
+                names = sorted({shard_name(u) for u in urls})
+                raise DataError(f"no readable record in {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} "
+                                f"(rank {self.rank}, epoch {epoch}); `dist-seg check-data` lists the damage, "
+                                "`dist-seg prepare ... --overwrite` rewrites the data")
             if after != before:
                 log.warning("epoch %d finished on rank %d worker %d; skipped so far: %s", epoch, self.rank, logical,
                             after)
@@ -820,6 +996,15 @@ def _export_rank(rank: int, world_size: int, worker_id: int) -> None:
     os.environ.setdefault("WORLD_SIZE", str(world_size))
 
 
+def describe_damage(records: Sequence[DamagedRecord], limit: int = 20) -> str:
+    """One line naming damaged records (``shard/key (problem)``), the first ``limit`` of them."""
+    if not records:
+        return "no damaged record named"
+    shown = "; ".join(f"{r.shard}/{r.key} ({r.problem})" for r in records[:limit])
+    more = f"; ... and {len(records) - limit} more" if len(records) > limit else ""
+    return f"{shown}{more}"
+
+
 def _report_pass(counter: SkipCounter, what: str) -> Callable[[Iterator], Iterator]:
     def stage(batches: Iterator) -> Iterator:
         before = counter.snapshot()
@@ -831,7 +1016,8 @@ def _report_pass(counter: SkipCounter, what: str) -> Callable[[Iterator], Iterat
         delta = {k: after[k] - before[k] for k in after}
         if any(delta.values()):
             log.warning("%s: pass finished after %d batches; skipped %d records, %d shard errors "
-                        "(totals %s)", what, count, delta["skipped_samples"], delta["shard_errors"], after)
+                        "(totals %s): %s", what, count, delta["skipped_samples"], delta["shard_errors"], after,
+                        describe_damage(counter.damaged()))
         else:
             log.info("%s: pass finished after %d batches, nothing skipped", what, count)
 

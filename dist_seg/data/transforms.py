@@ -84,3 +84,34 @@ def label_to_tensor(label: np.ndarray | None, shape: tuple[int, int]) -> torch.T
     t = torch.from_numpy(np.require(label, requirements=["C", "W"])).to(torch.int64)
     t[t == IGNORE_INDEX] = IGNORE_LABEL
     return t
+
+
+def check_decode_device(decode_device: str) -> None:
+    """Refuse ``data.decode_device=cuda`` where torch sees no CUDA device, in one line naming the fix."""
+    if decode_device == "cuda" and not torch.cuda.is_available():
+        from dist_seg.config import ConfigError
+
+        raise ConfigError("data.decode_device=cuda needs a CUDA GPU, and torch sees none here; "
+                        "use data.decode_device=cpu (the default)")
+
+
+def decode_jpeg_batch(data: list[torch.Tensor], res: int, device: torch.device | str) -> torch.Tensor:
+    """Decode a batch of JPEG byte tensors on ``device`` and resize/crop them like the CPU loader does.
+
+    torchvision's batched ``decode_jpeg`` (nvJPEG on CUDA, libjpeg-turbo on the CPU) decodes to RGB;
+    each image then goes through :func:`resize_center_crop_tensor` on the device, the function the CPU
+    path applies after PIL decodes. PIL and nvJPEG/libjpeg-turbo may differ by a few grey levels
+    (chroma upsampling, IDCT); the geometry is identical.
+
+    Args:
+        data: one uint8 tensor of encoded bytes per image (on the CPU, as the loader yields them).
+        res: output side.
+        device: where to decode (``"cuda"``, or ``"cpu"`` to test this path without a GPU).
+
+    Returns:
+        uint8 ``[B, 3, res, res]`` on ``device``.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+    return torch.stack([resize_center_crop_tensor(image, res) for image in images])

@@ -303,11 +303,16 @@ def validate_run(method: Method, cfg, info, *, device: torch.device, local_batch
     if cfg.data.max_val_samples:
         limit = max(1, cfg.data.max_val_samples // cfg.data.batch_size)
         batches = (b for i, b in zip(range(limit), loader))
-    return evaluate(method, batches, feature_fn,
-                    num_classes=info.num_classes, device=device, flip_tta=cfg.eval.flip_tta,
-                    has_labels=info.has_val_labels,
-                    crf=cfg.eval.crf if crf is None else crf, crf_workers=cfg.eval.crf_workers,
-                    num_overlays=num_overlays)
+    result = evaluate(method, batches, feature_fn,
+                      num_classes=info.num_classes, device=device, flip_tta=cfg.eval.flip_tta,
+                      has_labels=info.has_val_labels,
+                      crf=cfg.eval.crf if crf is None else crf, crf_workers=cfg.eval.crf_workers,
+                      num_overlays=num_overlays)
+    from dist_seg.data.shards import gather_damage
+
+    result["damaged"] = gather_damage(loader.skip_counter)
+    return result
+
 
 
 def evaluate_checkpoint(method: Method, cfg, *, crf: Optional[bool] = None, accelerator=None) -> tuple:

@@ -256,10 +256,24 @@ def _load_part(path: Path, fingerprint: str, start: int, stop: int) -> Optional[
     return part
 
 
-def _mine_chunk(backbone, records, start: int, stop: int, mine) -> dict:
-    images, annotations, empty = [], [], []
+def _mine_chunk(backbone, records, start: int, stop: int, mine, shards=None) -> dict:
+    from dist_seg.data.manifest import DataError
+    from dist_seg.data.shards import locate_record
+
+    images, annotations, empty, damaged = [], [], [], []
     for index in range(start, stop):
-        image = records[index]["image"]
+        try:
+            image = records[index]["image"]
+        except (DataError, IndexError, OSError, ValueError) as err:
+            # A damaged record (truncated shard, undecodable image): no mask, counted and named; the run goes on.
+            where = locate_record(shards, index) if shards is not None else None
+            damaged.append({"id": index, "shard": where.shard if where else "?", "key": f"{index:09d}",
+                            "problem": f"{type(err).__name__}: {err}"})
+            log.warning("image %d (%s/%09d) is damaged and gets no mask: %s", index,
+                        where.shard if where else "?", index, err)
+            images.append({"id": index, "key": f"{index:09d}", "width": 0, "height": 0, "damaged": True})
+            empty.append(index)
+            continue
         height, width = int(image.shape[1]), int(image.shape[2])
         images.append({"id": index, "key": f"{index:09d}", "width": width, "height": height})
         try:
@@ -270,7 +284,8 @@ def _mine_chunk(backbone, records, start: int, stop: int, mine) -> dict:
             empty.append(index)
             continue
         annotations.append({"image_id": index, "category_id": 1, "iscrowd": 0, **encode_mask(mask)})
-    return {"start": start, "stop": stop, "images": images, "annotations": annotations, "empty": empty}
+    return {"start": start, "stop": stop, "images": images, "annotations": annotations, "empty": empty,
+            "damaged": damaged}
 
 
 def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite: bool = False,
@@ -300,7 +315,7 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
     """
     from dist_seg.backbones import load_backbone
     from dist_seg.data.manifest import read_manifest
-    from dist_seg.data.shards import IndexedShards
+    from dist_seg.data.shards import IndexedShards, resolve_shards
 
     split = split or cfg.data.train_split
     mine = cfg.maskdistill.mine
@@ -329,6 +344,7 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
     num_images = expected["num_images"]
     rank, world = D.get_rank(), D.get_world_size()
     records = IndexedShards(cfg.data.root, split, res=None, decode="image")
+    shards = resolve_shards(cfg.data.root, split)
     mine_chunks, new_chunks, started, stopped = [], 0, time.time(), False
     try:
         for chunk, start in enumerate(range(0, num_images, mine.chunk_size)):
@@ -341,7 +357,7 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
                 if stop_after_chunks is not None and new_chunks >= stop_after_chunks:
                     stopped = True
                     break
-                part = {"fingerprint": fingerprint, **_mine_chunk(backbone, records, start, stop, mine)}
+                part = {"fingerprint": fingerprint, **_mine_chunk(backbone, records, start, stop, mine, shards)}
                 write_json_atomic(part, part_path)
                 new_chunks += 1
                 log.info("rank %d: mined images %d..%d of %d (%.1fs)", rank, start, stop - 1, num_images,
@@ -361,8 +377,12 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
         for number, ann in enumerate(annotations, start=1):
             ann["id"] = number
         empty = [index for part in gathered for index in part["empty"]]
+        damaged = [record for part in gathered for record in part.get("damaged", [])]
         info = {**expected, "description": "MaskDistill object masks (SPEC 8.1), one per image",
-                "num_annotations": len(annotations), "empty_image_ids": empty}
+                "num_annotations": len(annotations), "empty_image_ids": empty, "damaged": damaged}
+        if damaged:
+            log.warning("%s: %d damaged images got no mask (listed under info.damaged): %s", path, len(damaged),
+                        ", ".join(f"{r['shard']}/{r['key']}" for r in damaged[:20]))
         write_json_atomic({"info": info, "images": images, "annotations": annotations,
                            "categories": [{"id": 1, "name": "object", "supercategory": ""}]}, path)
         shutil.rmtree(parts, ignore_errors=True)
@@ -406,6 +426,9 @@ def run(args: argparse.Namespace) -> int:
         if D.is_main_process():
             info = json.loads(path.read_text())["info"]
             print(f"masks: {info['num_annotations']} object masks for {info['num_images']} images -> {path}")
+            if info.get("damaged"):
+                print(f"skipped {len(info['damaged'])} damaged images (no mask; listed under info.damaged in {path}; "
+                      f"`dist-seg check-data {cfg.data.root}` shows what is wrong)")
         return 0
     except (BackboneWeightsError, DataError, MaskDistillFileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
