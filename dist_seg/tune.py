@@ -35,6 +35,7 @@ import yaml
 from dist_seg.config import ConfigError, RunConfig, from_yaml, to_dict
 
 # The sweep file and the MLflow bookkeeping live in dist_seg.sweeps; their public names stay importable here.
+from dist_seg.sweeps.preflight import check_sweep_data, check_trial_fits
 from dist_seg.sweeps.runs import (  # noqa: F401
     _client,
     _find_trial_run,
@@ -389,19 +390,6 @@ def _init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optiona
     return True
 
 
-def _check_capacity(spec: SweepSpec) -> None:
-    """Warn when not even one trial fits the cluster: its trials would wait forever (unless it autoscales)."""
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": spec.resources.cpu * spec.trial_workers, "GPU": spec.resources.gpu * spec.trial_workers}
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-    if short:
-        log.warning("one trial needs %s but the Ray cluster has %s: trials will wait until nodes are added "
-                    "(lower resources.* / trial_workers, or start Ray with more resources)",
-                    {k: v[0] for k, v in short.items()}, {k: v[1] for k, v in short.items()})
-
-
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, retry_failed: bool = False,
               num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> SweepResult:
     """Run (or resume) a sweep with Ray Tune and return the best trial.
@@ -444,8 +432,16 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         uri = absolute_tracking_uri(spec.tracking.uri or default_uri(base.tracking.uri))
         experiment = spec.tracking.experiment or base.tracking.experiment
 
+    check_sweep_data(spec, base)  # before Ray starts: a missing dataset is named at once
     own_ray = _init_ray(address, num_cpus, num_gpus)
-    _check_capacity(spec)
+    try:
+        check_trial_fits(spec, can_grow=not own_ray or bool(address or os.environ.get("RAY_ADDRESS")))
+    except SweepError:
+        if own_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     client = _client(uri)
     parent_run_id: Optional[str] = None
     try:
