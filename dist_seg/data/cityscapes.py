@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dist_seg.data.classes import CITYSCAPES27, CITYSCAPES27_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
     Converter,
     SourceItem,
     SplitPlan,
@@ -78,21 +78,8 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None]:
     return image, None if item.label is None else read_label_png(item.label, CITYSCAPES27_LUT)
 
 
-def prepare_cityscapes27(
-    src: PathLike,
-    out: PathLike,
-    *,
-    splits: Sequence[str] = SPLITS,
-    five_crop: bool = True,
-    crop_ratio: float = 0.5,
-    workers: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    image_format: str = "jpg",
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict[str, SplitReport]:
+def prepare_cityscapes27(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLITS, five_crop: bool = True,
+                         **options: Any) -> dict[str, SplitReport]:
     """Write Cityscapes-27 shards.
 
     Args:
@@ -100,14 +87,9 @@ def prepare_cityscapes27(
         out: dataset folder to write.
         splits: splits to convert (``train``, ``val``).
         five_crop: five-crop the train split (val is never cropped).
-        crop_ratio: five-crop side ratio.
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping images without label, unreadable or with a wrong-size label.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report on stdout (else only log it).
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
@@ -115,9 +97,7 @@ def prepare_cityscapes27(
     def plan(root: Path, split: str) -> SplitPlan:
         return plan_split(root, split, five_crop=five_crop and split == "train")
 
-    return CONVERTER.convert(src, out, splits, plan, load_item, report=report, workers=workers,
-                             samples_per_shard=samples_per_shard, image_format=image_format,
-                             crop_ratio=crop_ratio, strict=strict, overwrite=overwrite, progress=progress)
+    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook

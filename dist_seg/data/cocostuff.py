@@ -29,12 +29,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dist_seg.data.classes import COCOSTUFF27, COCOSTUFF27_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
     Converter,
     SourceItem,
     SplitPlan,
@@ -177,23 +177,9 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None]:
     return image, None if item.label is None else read_label_png(item.label, COCOSTUFF27_LUT)
 
 
-def prepare_cocostuff27(
-    src: PathLike,
-    out: PathLike,
-    *,
-    splits: Sequence[str] = SPLITS,
-    five_crop: bool = True,
-    crop_ratio: float = 0.5,
-    train_list: str | None = None,
-    val_list: str | None = None,
-    workers: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    image_format: str = "jpg",
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict[str, SplitReport]:
+def prepare_cocostuff27(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLITS, five_crop: bool = True,
+                        train_list: str | None = None, val_list: str | None = None,
+                        **options: Any) -> dict[str, SplitReport]:
     """Write COCO-Stuff-27 shards.
 
     Args:
@@ -201,16 +187,11 @@ def prepare_cocostuff27(
         out: dataset folder to write.
         splits: splits to convert (``train``, ``val``).
         five_crop: five-crop the train split (val is never cropped).
-        crop_ratio: five-crop side ratio.
         train_list: image list of the train split (see :func:`resolve_image_list`).
         val_list: image list of the val split.
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping images without label, unreadable or with a wrong-size label.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report on stdout (else only log it).
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
@@ -220,9 +201,7 @@ def prepare_cocostuff27(
     def plan(root: Path, split: str) -> SplitPlan:
         return plan_split(root, split, image_list=lists[split], five_crop=five_crop and split == "train")
 
-    return CONVERTER.convert(src, out, splits, plan, load_item, report=report, workers=workers,
-                             samples_per_shard=samples_per_shard, image_format=image_format,
-                             crop_ratio=crop_ratio, strict=strict, overwrite=overwrite, progress=progress)
+    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook

@@ -22,13 +22,13 @@ import argparse
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
 
 from dist_seg.data.classes import POTSDAM3, POTSDAM3_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
     Converter,
     SkipItem,
     SourceItem,
@@ -138,20 +138,8 @@ def load_item(item: SourceItem, *, float_range: str = "auto") -> tuple[np.ndarra
     return image, apply_lut(POTSDAM3_LUT, _gt_ids(_mat_array(item.label, "gt")))
 
 
-def prepare_potsdam3(
-    src: PathLike,
-    out: PathLike,
-    *,
-    splits: Sequence[str] = DEFAULT_SPLITS,
-    float_range: str = "auto",
-    workers: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    image_format: str = "jpg",
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict[str, SplitReport]:
+def prepare_potsdam3(src: PathLike, out: PathLike, *, splits: Sequence[str] = DEFAULT_SPLITS,
+                     float_range: str = "auto", **options: Any) -> dict[str, SplitReport]:
     """Write Potsdam-3 shards.
 
     Args:
@@ -159,28 +147,23 @@ def prepare_potsdam3(
         out: dataset folder to write.
         splits: splits to convert (``train``, ``val``, ``unlabelled_train``).
         float_range: how float tiles are read (see :func:`to_uint8_rgb`).
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping tiles without gt, unreadable or with a wrong-size gt.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report on stdout (else only log it).
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
     """
     if float_range not in FLOAT_RANGES:
         raise DataError(f"float_range must be one of {FLOAT_RANGES}, got {float_range!r}")
+
     def plan(root: Path, split: str) -> SplitPlan:
         split_plan = plan_split(root, split)
         split_plan.details["params"]["float_range"] = float_range
         return split_plan
 
     load = functools.partial(load_item, float_range=float_range)
-    return CONVERTER.convert(src, out, splits, plan, load, report=report, workers=workers,
-                             samples_per_shard=samples_per_shard, image_format=image_format,
-                             strict=strict, overwrite=overwrite, progress=progress)
+    return CONVERTER.convert(src, out, splits, plan, load, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
@@ -194,7 +177,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> int:
     """Run ``dist-seg prepare potsdam3``."""
-    kwargs = common_kwargs(args)
-    kwargs.pop("crop_ratio")
-    prepare_potsdam3(args.src, args.out, splits=args.splits, float_range=args.float_range, **kwargs)
+    prepare_potsdam3(args.src, args.out, splits=args.splits, float_range=args.float_range, **common_kwargs(args))
     return 0

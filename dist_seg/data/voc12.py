@@ -31,12 +31,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dist_seg.data.classes import VOC12, VOC12_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
     Converter,
     SourceItem,
     SplitPlan,
@@ -149,10 +149,7 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def prepare_voc12(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLITS, sbd: PathLike | None = None,
-                  trainaug_list: str | None = None, workers: int | None = None,
-                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, image_format: str = "jpg",
-                  strict: bool = False, overwrite: bool = False, progress: bool = True,
-                  report: bool = True, crop_ratio: float = 0.5) -> dict[str, SplitReport]:
+                  trainaug_list: str | None = None, **options: Any) -> dict[str, SplitReport]:
     """Write PASCAL VOC 2012 shards (``trainaug`` and/or ``val``, original resolution).
 
     Args:
@@ -161,14 +158,9 @@ def prepare_voc12(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLIT
         splits: splits to convert.
         sbd: folder with the SBD ``SegmentationClassAug`` labels (trainaug only).
         trainaug_list: explicit trainaug image list file.
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping images without label, unreadable or with a wrong-size label.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report.
-        crop_ratio: unused (VOC is never five-cropped); accepted with the common options.
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
@@ -176,9 +168,7 @@ def prepare_voc12(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLIT
     def plan(root: Path, split: str) -> SplitPlan:
         return plan_split(root, split, sbd=sbd, trainaug_list=trainaug_list)
 
-    return CONVERTER.convert(src, out, splits, plan, load_item, report=report, workers=workers,
-                             samples_per_shard=samples_per_shard, image_format=image_format, strict=strict,
-                             overwrite=overwrite, progress=progress)
+    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
