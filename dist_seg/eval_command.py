@@ -25,6 +25,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     """``dist-seg eval``: a checkpoint, or baselines fit on the recipe's training split."""
     setup_logging()
     rows: dict[str, dict] = {}
+    is_main = D.is_main_process()
     try:
         if args.checkpoint:
             method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides,
@@ -39,6 +40,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
             base = resolve_config(load_recipe(args.recipe)(), args.overrides)
             info, out = None, args.out or str(Path(base.train.output_dir) / "baselines")
             accelerator = make_accelerator(base)
+            # Read before end_training(): once the process group is gone every rank reports itself as rank 0.
+            is_main = accelerator.is_main_process
             try:
                 for kind in args.baselines:
                     res = train_baseline(base, kind, crf=args.crf, accelerator=accelerator)
@@ -53,7 +56,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         # A CRF evaluation is another result, not a newer one: its rows and report files say so, and the
         # plain reports of the same checkpoint stay where they are.
         rows = {f"{name} + CRF": res for name, res in rows.items()}
-    if D.is_main_process():
+    if is_main:
         print(format_table(rows, title="validation (SPEC §6 protocol" + (", dense CRF)" if args.crf else ")")))
         for name, res in rows.items():
             if res is not None:

@@ -578,7 +578,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep file, e.g. recipes/sweep.yaml")
     parser.add_argument("overrides", nargs="*",
                         help="changes to the sweep file itself: num_samples=2 scheduler.type=none "
-                             "'params.stego.lr={loguniform: [1e-4, 1e-2]}'")
+                             "'params.stego.lr={loguniform: [1e-4, 1e-2]}'; a run config key for every trial "
+                             "goes through overrides+=, e.g. overrides+=data.root=/data/coco")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local cluster, or "
                              "$RAY_ADDRESS under `ray job submit`")
