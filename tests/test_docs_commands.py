@@ -106,8 +106,9 @@ def collect(path: Path, text: str | None = None) -> list[DocCommand]:
         if stripped.startswith("```"):
             fenced, env = not fenced, {}
             continue
-        in_block = fenced or (raw.startswith("    ") and stripped and not raw.lstrip().startswith(("-", "*")))
-        if in_block:
+        # An indented code block (4 spaces) is told from indented prose by what it holds: a command.
+        indented = raw.startswith("    ") and (pending or _is_command(_split(stripped.rstrip("\\")) or []))
+        if fenced or indented:
             if not pending:
                 start = number
             pending += stripped[:-1] + " " if stripped.endswith("\\") else stripped
