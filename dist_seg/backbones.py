@@ -39,6 +39,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from dist_seg.config import ConfigError
+
 __all__ = [
     "BACKBONES",
     "Backbone",
@@ -84,8 +86,12 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
 
 
-class BackboneWeightsError(RuntimeError):
-    """Weights are missing, unreadable or belong to another architecture."""
+class BackboneWeightsError(ConfigError, RuntimeError):
+    """Weights are missing, unreadable or belong to another architecture.
+
+    A :class:`~dist_seg.config.ConfigError` (the fix is a config key, named in the message), so every stage
+    answers it with one ``error:`` line; still a ``RuntimeError`` for callers that caught it as one.
+    """
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -224,7 +230,7 @@ def _find_cached(name: str) -> Optional[Path]:
     return None
 
 
-def _download(name: str) -> Path:
+def _download(name: str, key: str = "backbone.weights") -> Path:
     from huggingface_hub import hf_hub_download
 
     repo = _hub_repo(name)
@@ -235,15 +241,15 @@ def _download(name: str) -> Path:
     except Exception as err:  # network or hub errors: say what to do instead
         raise BackboneWeightsError(
             f"downloading {name!r} weights from huggingface.co/{repo} failed ({type(err).__name__}: {err}). "
-            f"Download {_official_url(name)} yourself and pass it as backbone.weights=PATH."
+            f"Download {_official_url(name)} yourself and pass it as {key}=PATH."
         ) from None
 
 
-def _missing_weights_message(name: str) -> str:
+def _missing_weights_message(name: str, key: str = "backbone.weights") -> str:
     repo, url = _hub_repo(name), _official_url(name)
     return (
         f"no local weights for backbone {name!r} (timm '{BACKBONES[name].timm_name}') and downloading is off. "
-        f"Pass the weights file as the config override backbone.weights=PATH (load_backbone(..., weights=PATH) "
+        f"Pass the weights file as the config override {key}=PATH (load_backbone(..., weights=PATH) "
         f"in Python); the official release file is {url}, timm's is model.safetensors from "
         f"https://huggingface.co/{repo}. Or set backbone.allow_download=true to fetch it from the Hugging Face hub."
     )
@@ -457,6 +463,7 @@ def load_backbone(
     *,
     allow_download: bool = False,
     dtype: Union[None, str, torch.dtype] = None,
+    weights_key: str = "backbone.weights",
 ) -> Backbone:
     """Build a frozen backbone with its weights.
 
@@ -468,6 +475,8 @@ def load_backbone(
             Ignored sources never lead to random weights for a named DINO model.
         allow_download: fetch missing weights from the Hugging Face hub.
         dtype: autocast dtype on CUDA (``"bf16"``, ``"fp16"``; ``None``/``"no"`` = fp32). CPU runs fp32.
+        weights_key: the config key that sets ``weights``, named in the error messages
+            (``maskdistill.mine.weights`` for MaskDistill's mining backbone).
 
     Returns:
         A :class:`Backbone` in eval mode with ``requires_grad=False`` on every parameter (on CPU).
@@ -483,14 +492,14 @@ def load_backbone(
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise BackboneWeightsError(f"backbone weights file not found: {path} (check backbone.weights)")
+            raise BackboneWeightsError(f"backbone weights file not found: {path} (check {weights_key})")
     elif name == "toy":
         return Backbone(model, name=name, weights_id=f"random-init-seed{TOY_SEED}", dtype=autocast_dtype)
     else:
         path = _find_cached(name)
         if path is None:
             if not allow_download:
-                raise BackboneWeightsError(_missing_weights_message(name))
-            path = _download(name)
+                raise BackboneWeightsError(_missing_weights_message(name, weights_key))
+            path = _download(name, weights_key)
     _load_weights(model, name, path)
     return Backbone(model, name=name, weights_id=_sha256(path), dtype=autocast_dtype)

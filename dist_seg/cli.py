@@ -67,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line as ``dist-seg`` reads it (argparse exits with status 2 on anything it refuses).
+
+    ``parser``: a parser from :func:`build_parser` to reuse (building one imports every stage module).
+    """
+    parser = parser or build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a trailing `overrides` positional at the first option, so `key=value` tokens
     # given after an option (`dist-seg knn stego_toy --k 7 data.root=X`) come back here: keep them as overrides.
@@ -77,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args._module is None:
         print(f"dist-seg {args.command}: not implemented yet ({args._why}).", file=sys.stderr)
         return 2

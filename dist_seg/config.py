@@ -9,6 +9,7 @@ beside every run (:func:`save_config`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,31 @@ def validate(cfg: RunConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ merging / io
+def yaml_error_text(err: yaml.YAMLError, *, position: bool = True) -> str:
+    """PyYAML's error as one line: what is wrong and (with ``position``) where: ``line L, column C``, both
+    counted from 1."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x) \
+        or str(err).splitlines()[0]
+    if mark is None or not position:
+        return what
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def load_yaml_file(path: str | Path, *, what: str = "config file") -> Any:
+    """The YAML document of ``path``; a missing or malformed file raises :class:`ConfigError` in one line
+    (the file, line and column of the first error) instead of PyYAML's multi-line traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {yaml_error_text(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}") from None
+
+
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0]
@@ -303,6 +329,23 @@ def _dotlist_item(base: Any, item: str) -> str:
     return f"{key}={yaml.safe_dump(value, default_style=chr(39)).strip()}"
 
 
+def override_value(value: Any) -> str:
+    """A value as the right-hand side of a ``key=value`` config override (parsed back as YAML).
+
+    Plain strings stay bare (``data.root=data/toy``) when YAML reads them back unchanged; anything else is
+    written as JSON, which is valid YAML (``"true"`` for the string, ``true`` for the boolean).
+    """
+    if hasattr(value, "item"):  # numpy scalars from samplers
+        value = value.item()
+    if isinstance(value, str) and value and not any(c.isspace() for c in value):
+        try:
+            if yaml.safe_load(value) == value and "," not in value and "=" not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
 def merge(base: T, *, yaml_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
     """Return ``base`` with YAML files then ``a.b=value`` overrides merged on top.
 
@@ -320,9 +363,7 @@ def merge(base: T, *, yaml_files: Sequence[str | Path] = (), overrides: Sequence
         raise _wrap(err, type(base).__name__) from None
     for path in yaml_files:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
         try:
@@ -332,10 +373,15 @@ def merge(base: T, *, yaml_files: Sequence[str | Path] = (), overrides: Sequence
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key = item.split("=", 1)[0]
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_dotlist_item(base, item)]))
         except OmegaConfBaseException as err:
             raise _wrap(err, f"override {item!r}") from None
+        except yaml.YAMLError as err:  # a malformed value such as `[480,`: OmegaConf parses values as YAML
+            raise ConfigError(f"override {item!r}: the value of '{key}' is not valid YAML "
+                              f"({yaml_error_text(err, position=False)}); quote lists and mappings for the shell, "
+                              f"e.g. '{key}=[1, 2]'") from None
     try:
         result = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

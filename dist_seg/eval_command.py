@@ -18,13 +18,14 @@ from dist_seg.eval.evaluate import configure_parser, evaluate_checkpoint, format
 from dist_seg.runtime import load_recipe, make_accelerator, resolve_config, setup_logging
 from dist_seg.trainer import TrainingError, load_method_checkpoint, train_baseline
 
-__all__ = ["configure_parser", "run", "run_eval_command"]
+__all__ = ["configure_parser", "report_name", "run", "run_eval_command"]
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """``dist-seg eval``: a checkpoint, or baselines fit on the recipe's training split."""
     setup_logging()
     rows: dict[str, dict] = {}
+    is_main = D.is_main_process()
     try:
         if args.checkpoint:
             method, cfg, state = load_method_checkpoint(args.checkpoint, overrides=args.overrides,
@@ -39,6 +40,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
             base = resolve_config(load_recipe(args.recipe)(), args.overrides)
             info, out = None, args.out or str(Path(base.train.output_dir) / "baselines")
             accelerator = make_accelerator(base)
+            # Read before end_training(): once the process group is gone every rank reports itself as rank 0.
+            is_main = accelerator.is_main_process
             try:
                 for kind in args.baselines:
                     res = train_baseline(base, kind, crf=args.crf, accelerator=accelerator)
@@ -51,8 +54,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if D.is_main_process():
-        print(format_table(rows, title="validation (SPEC §6 protocol)"))
+    if args.crf:
+        # A CRF evaluation is another result, not a newer one: its rows and report files say so, and the
+        # plain reports of the same checkpoint stay where they are.
+        rows = {f"{name} + CRF": res for name, res in rows.items()}
+    if is_main:
+        print(format_table(rows, title="validation (SPEC §6 protocol" + (", dense CRF)" if args.crf else ")")))
         for name, res in rows.items():
             for key, split in (("damaged", "validation"), ("damaged_train", "training")):
                 report = (res or {}).get(key) or {}
@@ -61,11 +68,15 @@ def run_eval_command(args: argparse.Namespace) -> int:
                           f"report under '{key}'; `dist-seg check-data` lists them)")
         for name, res in rows.items():
             if res is not None:
-                save_reports(res, out, class_names=getattr(info, "class_names", None),
-                             colors=getattr(info, "colors", None),
-                             name=name.replace(" ", "_").replace("(", "").replace(")", ""))
+                save_reports({**res, "crf": bool(args.crf)}, out, class_names=getattr(info, "class_names", None),
+                             colors=getattr(info, "colors", None), name=report_name(name))
         print(f"reports written to {out}")
     return 0
+
+
+def report_name(row: str) -> str:
+    """File stem of a table row's reports: ``stego (step 4) + CRF`` -> ``stego_step_4_crf``."""
+    return "_".join(row.replace("(", "").replace(")", "").replace("+", "").lower().split())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,12 +77,9 @@ def read_data_info(cfg) -> DataInfo:
     from dist_seg.runtime import default_cache_dir
 
     try:
-        manifest = read_manifest(cfg.data.root)
-    except FileNotFoundError:
-        raise ConfigError(f"no dataset at {cfg.data.root}: create it with "
-                          f"`dist-seg prepare {cfg.data.dataset} --out {cfg.data.root}`"
-                          + ("" if cfg.data.dataset == "toy" else " --src <where you unpacked it>")
-                          + " (see docs/datasets.md)") from None
+        manifest = read_manifest(cfg.data.root, dataset=cfg.data.dataset)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
     if cfg.data.train_split not in manifest.splits:
         raise ConfigError(f"{cfg.data.root} has no '{cfg.data.train_split}' split (it has {sorted(manifest.splits)})")
     num_classes = cfg.num_classes or manifest.num_classes
@@ -339,21 +336,22 @@ def _write_cache_manifest(cache_dir: Path, manifest, splits: list[str], provenan
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file or name (dataset, backbone, resolution)")
+    from dist_seg.runtime import add_recipe_arguments
+
+    add_recipe_arguments(parser)
     parser.add_argument("--splits", nargs="+", default=None,
                         help="splits to extract (default: the training split; add the validation split, e.g. "
                              "`--splits train val`, to evaluate from the cache too)")
     parser.add_argument("--cache", default=None, help="cache folder (default: <data.root>/features/<backbone>_<res>)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
 def run(args: argparse.Namespace) -> int:
     from dist_seg.config import ConfigError
-    from dist_seg.runtime import load_recipe, resolve_config, setup_logging
+    from dist_seg.runtime import config_from_args, setup_logging
 
     setup_logging()
     try:
-        cfg = resolve_config(load_recipe(args.recipe)(), args.overrides)
+        cfg = config_from_args(args)
         cache = extract(cfg, splits=args.splits, cache=args.cache)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

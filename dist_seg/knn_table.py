@@ -267,7 +267,7 @@ def expected_provenance(cfg, *, weights_id: Optional[str]) -> dict[str, Any]:
     """The provenance a table must carry to serve the run ``cfg`` (compared by :func:`load_knn_table`)."""
     from dist_seg.data.manifest import read_manifest
 
-    manifest = read_manifest(cfg.data.root)
+    manifest = read_manifest(cfg.data.root, dataset=cfg.data.dataset)
     split = cfg.data.train_split
     info = manifest.split(split)
     return {
@@ -325,7 +325,8 @@ def build_knn_table(
     from dist_seg.data.shards import make_loader
     from dist_seg.features import inference_batch
 
-    read_manifest(cfg.data.root).split(cfg.data.train_split)  # a missing dataset is reported before any model loads
+    # a missing dataset is reported before any model loads
+    read_manifest(cfg.data.root, dataset=cfg.data.dataset).split(cfg.data.train_split)
     device = torch.device(device)
     backbone, cache, weights_id = _descriptor_source(cfg, backbone=backbone, cache=cache, device=device)
     provenance = expected_provenance(cfg, weights_id=weights_id)

@@ -312,7 +312,7 @@ def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path]
     from dist_seg.maskdistill.files import candidates_path, masks_path, read_json
     from dist_seg.maskdistill.pseudo import masks_label_map, pseudo_label_map
 
-    manifest = read_manifest(cfg.data.root)
+    manifest = read_manifest(cfg.data.root, dataset=cfg.data.dataset)
     k1 = int(manifest.num_classes)
     train_split, val_split = cfg.data.train_split, cfg.data.val_split
     rows: list[dict[str, Any]] = []

@@ -120,6 +120,14 @@ def _store_experiments(uri: str) -> list[tuple[str, int]]:
     return out
 
 
+def missing_store(uri: str) -> Optional[Path]:
+    """The file of a local ``sqlite:///`` store that does not exist yet (``None`` for any other URI)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):])
+    return None if path.exists() else path
+
+
 def search(experiment: Optional[str] = None, *, uri: Optional[str] = None, filter_string: str = ""):
     """The runs of ``experiment`` (or of every experiment) as MLflow's pandas table, plus a ``steps`` column.
 
@@ -433,15 +441,38 @@ def export_runs(table, fmt: str, *, sort: str = "cluster mIoU", ascending: bool 
     return pd.DataFrame(out).to_csv(index=False)
 
 
-def best_overrides(table, *, exclude=("data.root", "train.output_dir", "tracking.")) -> list[str]:
-    """Recipe overrides (``key=value``) of the first row of a sorted runs table."""
+def _logged_value(text: Any) -> Any:
+    """A run parameter back as the Python value it was logged from (MLflow keeps ``str(value)``)."""
+    import ast
+
+    if not isinstance(text, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    # Only plain data comes back (numbers, booleans, None, lists): anything else stays the logged text.
+    return value if isinstance(value, (int, float, bool, list, tuple, type(None))) else text
+
+
+def best_overrides(table, *, exclude=("data.root", "train.output_dir", "tracking.", "sweep.")) -> list[str]:
+    """Recipe overrides (``key=value``) of the first row of a sorted runs table.
+
+    Sorted by key, each shell-quoted where needed, so that the line can be pasted after
+    ``dist-seg train RECIPE`` (lists keep their spaces inside one quoted word; ``None`` becomes ``null``).
+    """
+    import shlex
+
+    from dist_seg.config import override_value
+
     row = table.iloc[0]
     out = []
-    for col in table.columns:
+    for col in sorted(table.columns):
         if col.startswith("params."):
             key = col[len("params."):]
             if not any(key.startswith(e) for e in exclude) and not _missing(row[col]):
-                out.append(f"{key}={row[col]}")
+                value = _logged_value(row[col])
+                out.append(shlex.quote(f"{key}={override_value(list(value) if isinstance(value, tuple) else value)}"))
     return out
 
 
@@ -471,6 +502,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    store = missing_store(tracking_uri(args.uri))
+    if store is not None:  # asking MLflow would create an empty database file there
+        print(f"error: no MLflow store at {store}: no run was tracked from this folder yet (give --uri or set "
+              f"MLFLOW_TRACKING_URI to where your runs were logged)", file=sys.stderr)
+        return 1
     try:
         table = search(args.experiment, uri=args.uri, filter_string=args.filter_string)
     except RunsError as err:

@@ -680,12 +680,18 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = resolve_config(config_fn(), argv)
-        result = train(cfg)
+        accelerator = make_accelerator(cfg)
+        # Read before end_training(): once the process group is gone every rank reports itself as rank 0.
+        is_main = accelerator.is_main_process
+        try:
+            result = train(cfg, accelerator)
+        finally:
+            accelerator.end_training()
     except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     val = result.get("val")
-    if D.is_main_process() and val:
+    if is_main and val:
         from dist_seg.eval.evaluate import format_table
 
         if val.get("cluster") is not None:

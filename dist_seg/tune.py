@@ -35,6 +35,7 @@ import yaml
 from dist_seg.config import ConfigError, RunConfig, from_yaml, to_dict
 
 # The sweep file and the MLflow bookkeeping live in dist_seg.sweeps; their public names stay importable here.
+from dist_seg.sweeps.preflight import check_sweep_data, check_trial_fits
 from dist_seg.sweeps.runs import (  # noqa: F401
     _client,
     _find_trial_run,
@@ -389,19 +390,6 @@ def _init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optiona
     return True
 
 
-def _check_capacity(spec: SweepSpec) -> None:
-    """Warn when not even one trial fits the cluster: its trials would wait forever (unless it autoscales)."""
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": spec.resources.cpu * spec.trial_workers, "GPU": spec.resources.gpu * spec.trial_workers}
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-    if short:
-        log.warning("one trial needs %s but the Ray cluster has %s: trials will wait until nodes are added "
-                    "(lower resources.* / trial_workers, or start Ray with more resources)",
-                    {k: v[0] for k, v in short.items()}, {k: v[1] for k, v in short.items()})
-
-
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, retry_failed: bool = False,
               num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> SweepResult:
     """Run (or resume) a sweep with Ray Tune and return the best trial.
@@ -444,8 +432,16 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         uri = absolute_tracking_uri(spec.tracking.uri or default_uri(base.tracking.uri))
         experiment = spec.tracking.experiment or base.tracking.experiment
 
+    check_sweep_data(spec, base)  # before Ray starts: a missing dataset is named at once
     own_ray = _init_ray(address, num_cpus, num_gpus)
-    _check_capacity(spec)
+    try:
+        check_trial_fits(spec, can_grow=not own_ray or bool(address or os.environ.get("RAY_ADDRESS")))
+    except SweepError:
+        if own_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     client = _client(uri)
     parent_run_id: Optional[str] = None
     try:
@@ -582,7 +578,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep file, e.g. recipes/sweep.yaml")
     parser.add_argument("overrides", nargs="*",
                         help="changes to the sweep file itself: num_samples=2 scheduler.type=none "
-                             "'params.stego.lr={loguniform: [1e-4, 1e-2]}'")
+                             "'params.stego.lr={loguniform: [1e-4, 1e-2]}'; a run config key for every trial "
+                             "goes through overrides+=, e.g. overrides+=data.root=/data/coco")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local cluster, or "
                              "$RAY_ADDRESS under `ray job submit`")

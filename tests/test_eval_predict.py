@@ -53,6 +53,22 @@ def test_eval_checkpoint(trained, capsys):
     assert cli.main(["eval", "--checkpoint", str(tmp / "missing.pt")]) == 2
 
 
+def test_eval_crf_reports_beside_the_plain_ones(trained, capsys):
+    import json
+
+    tmp, _ = trained
+    ckpt = tmp / "run" / "checkpoints" / "step-00000004.pt"
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp / "evcrf")]) == 0
+    plain = (tmp / "evcrf" / "stego_step_4.json").read_text()
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp / "evcrf"), "--crf",
+                     "eval.crf_workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "stego (step 4) + CRF" in out and "dense CRF" in out, out
+    assert (tmp / "evcrf" / "stego_step_4.json").read_text() == plain, "the plain report is kept"
+    assert json.loads(plain)["crf"] is False
+    assert json.loads((tmp / "evcrf" / "stego_step_4_crf.json").read_text())["crf"] is True
+
+
 def test_predict_folder_of_any_size(trained, capsys):
     tmp, _ = trained
     images = tmp / "images"

@@ -144,3 +144,35 @@ def test_narrow_terminal_drops_columns_and_says_so(store):
     text = format_runs(search("dist_seg", uri=uri), width=60)
     assert all(len(line) <= 60 for line in text.splitlines()), text
     assert "do not fit in 60 characters" in text and "--columns" in text
+
+
+def test_best_prints_overrides_that_paste_back(store, capsys):
+    """`runs --best`: sorted, shell-quoted key=value words that the CLI's own parser reads back to the run's
+    config (lists with spaces, None, booleans and strings included)."""
+    import shlex
+
+    from dist_seg.runtime import config_from_args
+
+    uri, _, _ = store
+    assert cli.main(["runs", "--uri", uri, "--experiment", "dist_seg", "--best"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("# best run: stego-b"), out[-2]
+    words = shlex.split(out[-1])
+    keys = [w.split("=", 1)[0] for w in words]
+    assert keys == sorted(keys), "overrides are sorted by key"
+    assert "maskdistill.detect.min_sizes" in keys and "backbone.weights" in keys
+    args, extra = cli.build_parser().parse_known_args(["train", "stego_toy", *words])
+    assert not extra, extra
+    pasted = config_from_args(args)
+    logged = merge(RunConfig(), overrides=["stego.lr=0.003", "train.num_steps=10", "data.dataset=toy"])
+    flat, want = flatten(pasted), flatten(logged)
+    for key in keys:
+        assert flat[key] == want[key], f"{key}: pasted {flat[key]!r}, logged {want[key]!r}"
+
+
+def test_runs_without_a_store_leaves_no_database(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["runs"]) == 1
+    assert "no MLflow store at mlflow.db" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists(), "asking for runs must not create an empty store"

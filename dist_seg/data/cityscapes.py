@@ -18,28 +18,27 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dist_seg.data.classes import CITYSCAPES27, CITYSCAPES27_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
+    Converter,
     SourceItem,
     SplitPlan,
     SplitReport,
-    add_common_arguments,
-    check_splits,
     common_kwargs,
-    convert_dataset,
     read_label_png,
     read_rgb,
-    require_dir,
 )
-from dist_seg.data.manifest import DataError, PathLike
+from dist_seg.data.manifest import PathLike
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+CONVERTER = Converter(classes=CITYSCAPES27, splits=SPLITS, five_crop_default=True,
+                      docs="docs/datasets.md#cityscapes-27-cityscapes27")
 
 
 def plan_split(src: PathLike, split: str, *, five_crop: bool = False) -> SplitPlan:
@@ -49,10 +48,9 @@ def plan_split(src: PathLike, split: str, *, five_crop: bool = False) -> SplitPl
         DataError: ``leftImg8bit/<split>`` or ``gtFine/<split>`` is missing, or holds no images.
     """
     src = Path(src)
-    img_root = require_dir(src / "leftImg8bit" / split, f"cityscapes27/{split}",
-                           "Unpack leftImg8bit_trainvaltest.zip into --src.")
-    lab_root = require_dir(src / "gtFine" / split, f"cityscapes27/{split}",
-                           "Unpack gtFine_trainvaltest.zip into --src.")
+    img_root = CONVERTER.require_dir(src / "leftImg8bit" / split, split,
+                                     "Unpack leftImg8bit_trainvaltest.zip into --src")
+    lab_root = CONVERTER.require_dir(src / "gtFine" / split, split, "Unpack gtFine_trainvaltest.zip into --src")
     items = []
     for city in sorted(p for p in img_root.iterdir() if p.is_dir()):
         lab_city = lab_root / city.name
@@ -66,7 +64,7 @@ def plan_split(src: PathLike, split: str, *, five_crop: bool = False) -> SplitPl
                 label_missing=label_name not in label_names,
             ))
     if not items:
-        raise DataError(f"cityscapes27/{split}: no *{IMAGE_SUFFIX} files under {img_root}/<city>/")
+        raise CONVERTER.error(split, f"*{IMAGE_SUFFIX} files under {img_root}/<city>/")
     return SplitPlan(
         split=split, items=items, labelled=True, five_crop=five_crop,
         details={"converter": __name__, "src": str(src.resolve()), "images": str(img_root),
@@ -80,21 +78,8 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None]:
     return image, None if item.label is None else read_label_png(item.label, CITYSCAPES27_LUT)
 
 
-def prepare_cityscapes27(
-    src: PathLike,
-    out: PathLike,
-    *,
-    splits: Sequence[str] = SPLITS,
-    five_crop: bool = True,
-    crop_ratio: float = 0.5,
-    workers: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    image_format: str = "jpg",
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict[str, SplitReport]:
+def prepare_cityscapes27(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLITS, five_crop: bool = True,
+                         **options: Any) -> dict[str, SplitReport]:
     """Write Cityscapes-27 shards.
 
     Args:
@@ -102,29 +87,23 @@ def prepare_cityscapes27(
         out: dataset folder to write.
         splits: splits to convert (``train``, ``val``).
         five_crop: five-crop the train split (val is never cropped).
-        crop_ratio: five-crop side ratio.
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping images without label, unreadable or with a wrong-size label.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report on stdout (else only log it).
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
     """
-    splits = check_splits(splits, SPLITS, "cityscapes27")
-    plans = [plan_split(src, s, five_crop=five_crop and s == "train") for s in splits]
-    return convert_dataset(plans, load_item, out, CITYSCAPES27, report=report, workers=workers,
-                           samples_per_shard=samples_per_shard, image_format=image_format,
-                           crop_ratio=crop_ratio, strict=strict, overwrite=overwrite, progress=progress)
+    def plan(root: Path, split: str) -> SplitPlan:
+        return plan_split(root, split, five_crop=five_crop and split == "train")
+
+    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dist-seg prepare cityscapes27``."""
-    add_common_arguments(parser, splits=SPLITS, default_splits=SPLITS, five_crop_default=True)
+    CONVERTER.add_arguments(parser)
 
 
 def convert(args: argparse.Namespace) -> int:

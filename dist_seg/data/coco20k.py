@@ -49,6 +49,7 @@ from dist_seg.data.convert_common import (
     add_common_arguments,
     common_kwargs,
     convert_dataset,
+    layout_error,
     read_rgb,
 )
 from dist_seg.data.instances import encode_rle, instances_path, read_instances, write_instances
@@ -62,6 +63,7 @@ EXPECTED_IMAGES = 19817
 LIST_NAME = "coco_20k_filenames.txt"
 LIST_URL = "https://github.com/valeoai/LOST/blob/master/datasets/coco_20k_filenames.txt"
 ANNOTATIONS = "annotations/instances_train2014.json"
+DOCS = "docs/datasets.md#coco20k-coco20k"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +89,8 @@ def _find(src: Path, candidates: list[str], what: str, fix: str) -> Path:
     for c in candidates:
         if (src / c).exists():
             return src / c
-    raise DataError(f"coco20k: {what} not found (looked for {', '.join(str(src / c) for c in candidates)}); {fix}. "
-                    "See docs/datasets.md.")
+    raise layout_error(f"{NAME}/{SPLIT}", f"{what} at {' or '.join(str(src / c) for c in candidates)}", fix,
+                       docs=DOCS)
 
 
 def _annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
@@ -151,8 +153,6 @@ def plan(src: PathLike, *, image_list: str | None = None) -> tuple[SplitPlan, Da
         DataError: a missing folder or file; the message names it and where to get it.
     """
     src = Path(src)
-    if not src.is_dir():
-        raise DataError(f"coco20k: --src {src} is not a folder")
     img_dir = _find(src, ["train2014", "images/train2014"], "the COCO 2014 train images",
                     "unpack train2014.zip into --src")
     ann_path = _find(src, [ANNOTATIONS], "the instance annotations", "unpack annotations_trainval2014.zip into --src")

@@ -29,19 +29,17 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dist_seg.data.classes import COCOSTUFF27, COCOSTUFF27_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
+    Converter,
     SourceItem,
     SplitPlan,
     SplitReport,
-    add_common_arguments,
-    check_splits,
     common_kwargs,
-    convert_dataset,
     read_label_png,
     read_rgb,
 )
@@ -53,6 +51,9 @@ SPLITS = ("train", "val")
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
 STEGO_IMAGE_LISTS = {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}
 """The curated list STEGO reads for each split (``src/data.py``: ``Coco``, subset None / 7)."""
+
+CONVERTER = Converter(classes=COCOSTUFF27, splits=SPLITS, five_crop_default=True,
+                      docs="docs/datasets.md#coco-stuff-27-cocostuff27")
 
 # (layout name, image folder, label folder), relative to --src; {d} is train2017 / val2017.
 LAYOUTS = (
@@ -74,13 +75,10 @@ def find_folders(src: Path, split: str) -> tuple[Path, Path, str]:
             return img_dir, lab_dir, name
     expected = " and ".join(str(src / p.format(d=d)) for p in LAYOUTS[0][1:])
     found = [str(src / p.format(d=d)) for _, *ps in LAYOUTS for p in ps if (src / p.format(d=d)).is_dir()]
-    raise DataError(
-        f"cocostuff27/{split}: expected the folders {expected} (COCO 2017 images and the "
-        f"stuffthingmaps_trainval2017 archive, unpacked into --src), or {src / 'images' / d} and "
-        f"{src / 'annotations' / d}; "
-        + (f"only found {', '.join(found)}. " if found else "found neither. ")
-        + "See docs/datasets.md."
-    )
+    raise CONVERTER.error(
+        split, f"the folders {expected}, or {src / 'images' / d} and {src / 'annotations' / d}",
+        "Unpack the COCO 2017 images and the stuffthingmaps_trainval2017 archive into --src; "
+        + (f"only found {', '.join(found)}" if found else "found neither"))
 
 
 def resolve_image_list(src: Path, split: str, choice: str | None) -> tuple[Path | None, str]:
@@ -145,7 +143,7 @@ def plan_split(src: PathLike, split: str, *, image_list: str | None = None, five
     if list_path is None:
         ids = sorted(p.stem for p in img_dir.iterdir() if p.suffix.lower() == ".jpg")
         if not ids:
-            raise DataError(f"cocostuff27/{split}: no .jpg images in {img_dir}")
+            raise CONVERTER.error(split, f".jpg images in {img_dir}")
     else:
         ids = _read_ids(list_path)
     label_names = {p.name for p in lab_dir.iterdir()}
@@ -179,23 +177,9 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None]:
     return image, None if item.label is None else read_label_png(item.label, COCOSTUFF27_LUT)
 
 
-def prepare_cocostuff27(
-    src: PathLike,
-    out: PathLike,
-    *,
-    splits: Sequence[str] = SPLITS,
-    five_crop: bool = True,
-    crop_ratio: float = 0.5,
-    train_list: str | None = None,
-    val_list: str | None = None,
-    workers: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    image_format: str = "jpg",
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict[str, SplitReport]:
+def prepare_cocostuff27(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLITS, five_crop: bool = True,
+                        train_list: str | None = None, val_list: str | None = None,
+                        **options: Any) -> dict[str, SplitReport]:
     """Write COCO-Stuff-27 shards.
 
     Args:
@@ -203,43 +187,27 @@ def prepare_cocostuff27(
         out: dataset folder to write.
         splits: splits to convert (``train``, ``val``).
         five_crop: five-crop the train split (val is never cropped).
-        crop_ratio: five-crop side ratio.
         train_list: image list of the train split (see :func:`resolve_image_list`).
         val_list: image list of the val split.
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping images without label, unreadable or with a wrong-size label.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report on stdout (else only log it).
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
     """
-    splits = check_splits(splits, SPLITS, "cocostuff27")
     lists = {"train": train_list, "val": val_list}
-    src = Path(src)
-    if not src.is_dir():
-        raise DataError(f"cocostuff27: --src {src} is not a folder")
-    plans = []
-    for split in splits:  # list every split first: a layout error surfaces before any writing
-        plan = plan_split(src, split, image_list=lists[split], five_crop=five_crop and split == "train")
-        note = f"[cocostuff27/{split}] {len(plan.items)} images from {plan.details['image_list_note']}"
-        if report:
-            print(note, flush=True)
-        else:
-            log.info("%s", note)
-        plans.append(plan)
-    return convert_dataset(plans, load_item, out, COCOSTUFF27, report=report, workers=workers,
-                           samples_per_shard=samples_per_shard, image_format=image_format,
-                           crop_ratio=crop_ratio, strict=strict, overwrite=overwrite, progress=progress)
+
+    def plan(root: Path, split: str) -> SplitPlan:
+        return plan_split(root, split, image_list=lists[split], five_crop=five_crop and split == "train")
+
+    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dist-seg prepare cocostuff27``."""
-    add_common_arguments(parser, splits=SPLITS, default_splits=SPLITS, five_crop_default=True)
+    CONVERTER.add_arguments(parser)
     for split in SPLITS:
         parser.add_argument(
             f"--{split}-list", default=None, metavar="LIST",

@@ -181,12 +181,28 @@ def read_label_png(path: PathLike, lut: np.ndarray) -> np.ndarray:
     return apply_lut(lut, raw)
 
 
-def require_dir(path: Path, what: str, hint: str = "") -> Path:
-    """``path`` if it is a folder, else a :class:`DataError` naming the expected path."""
+DATASETS_PAGE = "docs/datasets.md"
+
+
+def layout_error(what: str, expected: str, how: str = "", *, docs: str = DATASETS_PAGE) -> DataError:
+    """The one message shape of a source tree in the wrong layout: what was expected, where, how to get it,
+    and the page of docs/datasets.md that says more (``what``: ``dataset/split``)."""
+    how = f" {how[:1].upper()}{how[1:].rstrip('.')}." if how else ""
+    return DataError(f"{what}: expected {expected} (not found).{how} See {docs} for the source layout and "
+                     "where to get it.")
+
+
+def require_dir(path: Path, what: str, hint: str = "", *, docs: str = DATASETS_PAGE) -> Path:
+    """``path`` if it is a folder, else a :class:`DataError` naming the expected path (:func:`layout_error`)."""
     if not path.is_dir():
-        extra = f" {hint}" if hint else ""
-        raise DataError(f"{what}: expected the folder {path}, which does not exist.{extra} "
-                        "See docs/datasets.md for the expected source layout.")
+        raise layout_error(what, f"the folder {path}", hint, docs=docs)
+    return path
+
+
+def require_file(path: Path, what: str, hint: str = "", *, docs: str = DATASETS_PAGE) -> Path:
+    """``path`` if it is a file, else a :class:`DataError` naming the expected path (:func:`layout_error`)."""
+    if not path.is_file():
+        raise layout_error(what, f"the file {path}", hint, docs=docs)
     return path
 
 
@@ -509,6 +525,79 @@ def convert_dataset(
         else:
             log.info("%s", text)
     return reports
+
+
+# ---------------------------------------------------------------------------------- one converter
+@dataclass(frozen=True, kw_only=True)
+class Converter:
+    """The skeleton of a benchmark converter: a new dataset is this, a ``plan_split`` and a ``load_item``.
+
+    The skeleton owns what every converter does alike: the command-line options, the source folder check,
+    the split names, listing every split before anything is written (so a layout error surfaces first), the
+    one-line note of where each split's images come from, and the shared driver (:func:`convert_dataset`).
+
+    Attributes:
+        classes: the target classes (``classes.name`` is the ``dist-seg prepare`` name).
+        splits: splits the dataset knows.
+        default_splits: splits converted when ``--splits`` is not given (default: all).
+        five_crop_default: default of ``--five-crop`` for the train split; None: the dataset is never cropped.
+        docs: the page (and section) of docs/datasets.md that says how to get the dataset.
+    """
+
+    classes: DatasetClasses
+    splits: tuple[str, ...]
+    default_splits: tuple[str, ...] | None = None
+    five_crop_default: bool | None = None
+    docs: str = DATASETS_PAGE
+
+    @property
+    def name(self) -> str:
+        return self.classes.name
+
+    def error(self, split: str | None, expected: str, how: str = "") -> DataError:
+        """:func:`layout_error` for this dataset (``split`` None: the whole source)."""
+        return layout_error(self.name if split is None else f"{self.name}/{split}", expected, how, docs=self.docs)
+
+    def require_dir(self, path: Path, split: str | None, how: str = "") -> Path:
+        if not path.is_dir():
+            raise self.error(split, f"the folder {path}", how)
+        return path
+
+    def require_file(self, path: Path, split: str | None, how: str = "") -> Path:
+        if not path.is_file():
+            raise self.error(split, f"the file {path}", how)
+        return path
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The options every converter shares (:func:`add_common_arguments`)."""
+        add_common_arguments(parser, splits=self.splits, default_splits=self.default_splits or self.splits,
+                             five_crop_default=self.five_crop_default)
+
+    def convert(self, src: PathLike, out: PathLike, splits: Sequence[str],
+                plan: Callable[[Path, str], SplitPlan], load: Callable[[SourceItem], tuple[np.ndarray, Any]], *,
+                report: bool = True, **kwargs: Any) -> dict[str, SplitReport]:
+        """Check ``splits``, list every split with ``plan(src, split)``, then write them.
+
+        A missing or wrongly laid out ``src`` is reported by ``plan``, naming the first folder or file it
+        expected there (through :meth:`error`).
+
+        ``kwargs`` go to :func:`convert_split` (workers, samples_per_shard, image_format, crop_ratio, strict,
+        overwrite, progress). A plan's ``details["image_list_note"]`` is printed (or logged) per split.
+        """
+        splits = check_splits(splits, self.splits, self.name)
+        src = Path(src)
+        plans = []
+        for split in splits:  # every split is listed first: a layout error surfaces before any writing
+            split_plan = plan(src, split)
+            note = split_plan.details.get("image_list_note")
+            if note:
+                line = f"[{self.name}/{split}] {len(split_plan.items)} images from {note}"
+                if report:
+                    print(line, flush=True)
+                else:
+                    log.info("%s", line)
+            plans.append(split_plan)
+        return convert_dataset(plans, load, out, self.classes, report=report, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- CLI options

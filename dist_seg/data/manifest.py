@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -138,19 +138,42 @@ def write_manifest(root: PathLike, manifest: DatasetManifest) -> Path:
     return path
 
 
-def read_manifest(root: PathLike) -> DatasetManifest:
+# How each dataset is made from scratch (`dist-seg prepare NAME ...`); every other name needs --src.
+_PREPARE_SOURCE = {"toy": "", "toy_objects": "", "folder": " --images DIR"}
+
+
+def prepare_command(dataset: str, root: PathLike) -> str:
+    """The whole ``dist-seg prepare`` command that writes ``dataset`` to ``root``, in backticks."""
+    source = _PREPARE_SOURCE.get(dataset, " --src SRC")
+    return f"`dist-seg prepare {dataset}{source} --out {root}`"
+
+
+def missing_dataset_message(root: PathLike, dataset: Optional[str] = None) -> str:
+    """What to say when ``root`` holds no prepared dataset: the command that makes it, and where to read more."""
+    if dataset:
+        how = prepare_command(dataset, root)
+        if dataset not in _PREPARE_SOURCE:
+            how += f" (SRC: where you unpacked the original {dataset} files; docs/datasets.md says how to get them)"
+        return f"no dataset at {root}: create it with {how}"
+    return (f"no dataset manifest at {manifest_path(root)}. Prepare the dataset first, e.g. "
+            f"`dist-seg prepare toy --out {root}` or `dist-seg prepare folder --images DIR --out {root}` "
+            "(see `dist-seg prepare --help` for cocostuff27, cityscapes27, potsdam3, voc12, coco20k, toy_objects).")
+
+
+def read_manifest(root: PathLike, *, dataset: Optional[str] = None) -> DatasetManifest:
     """Read ``<root>/manifest.json``.
+
+    Args:
+        root: a folder written by ``dist-seg prepare``.
+        dataset: the dataset the caller expects there (a run's ``data.dataset``): a missing folder is then
+            answered with that dataset's own ``dist-seg prepare`` command.
 
     Raises:
         ManifestNotFoundError: the folder was never prepared; the message names the command to run.
     """
     path = manifest_path(root)
     if not path.is_file():
-        raise ManifestNotFoundError(
-            f"no dataset manifest at {path}. Prepare the dataset first, e.g. "
-            f"`dist-seg prepare toy --out {root}` or `dist-seg prepare folder --images DIR --out {root}` "
-            "(see `dist-seg prepare --help` for cocostuff27, cityscapes27, potsdam3, voc12, coco20k, toy_objects)."
-        )
+        raise ManifestNotFoundError(missing_dataset_message(root, dataset))
     try:
         return DatasetManifest.from_json(path.read_text())
     except (json.JSONDecodeError, TypeError) as err:

@@ -22,23 +22,20 @@ import argparse
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
 
 from dist_seg.data.classes import POTSDAM3, POTSDAM3_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
+    Converter,
     SkipItem,
     SourceItem,
     SplitPlan,
     SplitReport,
-    add_common_arguments,
     apply_lut,
-    check_splits,
     common_kwargs,
-    convert_dataset,
-    require_dir,
 )
 from dist_seg.data.manifest import DataError, PathLike
 
@@ -46,6 +43,9 @@ SPLIT_LISTS = {"train": "labelled_train.txt", "val": "labelled_test.txt", "unlab
 SPLITS = tuple(SPLIT_LISTS)
 DEFAULT_SPLITS = ("train", "val")
 FLOAT_RANGES = ("auto", "unit", "byte")
+UNPACK = "Unpack IIC's Potsdam.tar.gz (or STEGO's potsdam.zip) into --src"
+CONVERTER = Converter(classes=POTSDAM3, splits=SPLITS, default_splits=DEFAULT_SPLITS,
+                      docs="docs/datasets.md#potsdam-3-potsdam3")
 
 
 def plan_split(src: PathLike, split: str) -> SplitPlan:
@@ -55,16 +55,13 @@ def plan_split(src: PathLike, split: str) -> SplitPlan:
         DataError: ``imgs/``, ``gt/`` (labelled splits) or the split's id list is missing or empty.
     """
     src = Path(src)
-    img_dir = require_dir(src / "imgs", f"potsdam3/{split}", "Unpack IIC's Potsdam.tar.gz into --src.")
+    img_dir = CONVERTER.require_dir(src / "imgs", split, UNPACK)
     labelled = split != "unlabelled_train"
-    gt_dir = require_dir(src / "gt", f"potsdam3/{split}") if labelled else None
-    list_path = src / SPLIT_LISTS[split]
-    if not list_path.is_file():
-        raise DataError(f"potsdam3/{split}: expected the id list {list_path}, which does not exist. "
-                        "See docs/datasets.md for the expected source layout.")
+    gt_dir = CONVERTER.require_dir(src / "gt", split, UNPACK) if labelled else None
+    list_path = CONVERTER.require_file(src / SPLIT_LISTS[split], split, UNPACK)
     ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
     if not ids:
-        raise DataError(f"potsdam3/{split}: the id list {list_path} is empty")
+        raise CONVERTER.error(split, f"tile ids in {list_path} (the file is empty)", UNPACK)
     gt_names = {p.name for p in gt_dir.iterdir()} if gt_dir is not None else set()
     items = []
     for tile in ids:
@@ -141,20 +138,8 @@ def load_item(item: SourceItem, *, float_range: str = "auto") -> tuple[np.ndarra
     return image, apply_lut(POTSDAM3_LUT, _gt_ids(_mat_array(item.label, "gt")))
 
 
-def prepare_potsdam3(
-    src: PathLike,
-    out: PathLike,
-    *,
-    splits: Sequence[str] = DEFAULT_SPLITS,
-    float_range: str = "auto",
-    workers: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    image_format: str = "jpg",
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    report: bool = True,
-) -> dict[str, SplitReport]:
+def prepare_potsdam3(src: PathLike, out: PathLike, *, splits: Sequence[str] = DEFAULT_SPLITS,
+                     float_range: str = "auto", **options: Any) -> dict[str, SplitReport]:
     """Write Potsdam-3 shards.
 
     Args:
@@ -162,33 +147,29 @@ def prepare_potsdam3(
         out: dataset folder to write.
         splits: splits to convert (``train``, ``val``, ``unlabelled_train``).
         float_range: how float tiles are read (see :func:`to_uint8_rgb`).
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping tiles without gt, unreadable or with a wrong-size gt.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report on stdout (else only log it).
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
     """
     if float_range not in FLOAT_RANGES:
         raise DataError(f"float_range must be one of {FLOAT_RANGES}, got {float_range!r}")
-    splits = check_splits(splits, SPLITS, "potsdam3")
-    plans = [plan_split(src, s) for s in splits]
-    for plan in plans:
-        plan.details["params"]["float_range"] = float_range
+
+    def plan(root: Path, split: str) -> SplitPlan:
+        split_plan = plan_split(root, split)
+        split_plan.details["params"]["float_range"] = float_range
+        return split_plan
+
     load = functools.partial(load_item, float_range=float_range)
-    return convert_dataset(plans, load, out, POTSDAM3, report=report, workers=workers,
-                           samples_per_shard=samples_per_shard, image_format=image_format,
-                           strict=strict, overwrite=overwrite, progress=progress)
+    return CONVERTER.convert(src, out, splits, plan, load, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dist-seg prepare potsdam3``."""
-    add_common_arguments(parser, splits=SPLITS, default_splits=DEFAULT_SPLITS, five_crop_default=None)
+    CONVERTER.add_arguments(parser)
     parser.add_argument("--float-range", choices=FLOAT_RANGES, default="auto",
                         help="value range of float tiles: unit = [0,1], byte = [0,255], auto = per tile "
                              "(default auto); uint8 tiles are used as they are")
@@ -196,7 +177,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> int:
     """Run ``dist-seg prepare potsdam3``."""
-    kwargs = common_kwargs(args)
-    kwargs.pop("crop_ratio")
-    prepare_potsdam3(args.src, args.out, splits=args.splits, float_range=args.float_range, **kwargs)
+    prepare_potsdam3(args.src, args.out, splits=args.splits, float_range=args.float_range, **common_kwargs(args))
     return 0

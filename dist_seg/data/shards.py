@@ -275,7 +275,7 @@ def write_records(
     if not overwrite:
         done = split_is_complete(root, split)
         if done is not None:
-            log.info("split %s/%s already written (%d samples); skipping (overwrite=True rewrites it)",
+            log.info("split %s/%s already written (%d samples); skipping (--overwrite rewrites it)",
                      root, split, done.num_samples)
             return done
     root.mkdir(parents=True, exist_ok=True)

@@ -22,22 +22,19 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from dist_seg.data.generated import add_generator_arguments, generator_kwargs, write_generated
 from dist_seg.data.manifest import (
     DatasetManifest,
     PathLike,
-    read_manifest,
     update_split,
 )
 from dist_seg.data.shards import Sample, write_split
-
-log = logging.getLogger(__name__)
 
 _SPLIT_CODES = {"train": 1, "val": 2}
 
@@ -162,11 +159,6 @@ def generate_toy(
     params = dict(num_classes=num_classes, num_train=num_train, num_val=num_val, size=size, seed=seed,
                   samples_per_shard=samples_per_shard)
     root = Path(out_root)
-    if not overwrite and (root / "manifest.json").is_file():
-        previous = read_manifest(root)
-        if previous.name != "toy" or previous.extra.get("params") != params:
-            log.info("%s holds a different dataset; regenerating", root)
-            overwrite = True
     fields = dict(
         name="toy",
         num_classes=num_classes,
@@ -174,40 +166,25 @@ def generate_toy(
         colors=palette(num_classes),
         extra={"params": params, "generator": "dist_seg.data.toy"},
     )
-    manifest = None
-    for split, count in (("train", num_train), ("val", num_val)):
-        if count <= 0:
-            continue
+
+    def write(split: str, count: int, rewrite: bool) -> DatasetManifest:
         info = write_split(
             _samples(split, count, num_classes=num_classes, size=size, seed=seed),
-            root, split, samples_per_shard=samples_per_shard, image_format="png", overwrite=overwrite,
+            root, split, samples_per_shard=samples_per_shard, image_format="png", overwrite=rewrite,
         )
-        manifest = update_split(root, split, info, **fields)
-    if manifest is None:
-        raise ValueError("num_train and num_val are both 0: nothing to generate")
-    return manifest
+        return update_split(root, split, info, **fields)
+
+    return write_generated(root, "toy", params, num_train=num_train, num_val=num_val, overwrite=overwrite,
+                           write_split=write)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dist-seg prepare toy``."""
-    parser.add_argument("--num-classes", type=int, default=5, help="number of classes (default 5)")
-    parser.add_argument("--num-train", type=int, default=256, help="training images (default 256)")
-    parser.add_argument("--num-val", type=int, default=64, help="validation images (default 64)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    add_generator_arguments(parser, num_classes=5, size=64)
 
 
 def convert(args: argparse.Namespace) -> int:
     """Run ``dist-seg prepare toy``."""
-    generate_toy(
-        args.out,
-        num_classes=args.num_classes,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        size=args.size,
-        seed=args.seed,
-        samples_per_shard=args.samples_per_shard or 16,
-        overwrite=args.overwrite,
-    )
+    generate_toy(args.out, **generator_kwargs(args))
     return 0

@@ -26,7 +26,6 @@ seed gives the same pixels and the same shard bytes on any machine.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,11 @@ import numpy as np
 from scipy import ndimage
 
 from dist_seg.data.classes import _bit_interleaved_palette
+from dist_seg.data.generated import add_generator_arguments, generator_kwargs, write_generated
 from dist_seg.data.instances import instance_annotation, instances_path, read_instances, write_instances
-from dist_seg.data.manifest import DataError, DatasetManifest, PathLike, read_manifest, update_split
+from dist_seg.data.manifest import DataError, DatasetManifest, PathLike, update_split
 from dist_seg.data.shards import Sample, write_split
 from dist_seg.data.toy import _texture, class_appearance
-
-log = logging.getLogger(__name__)
 
 NAME = "toy_objects"
 NUM_STUFF = 4
@@ -189,16 +187,9 @@ def generate_toy_objects(
     params = dict(num_classes=num_classes, num_train=num_train, num_val=num_val, size=size, seed=seed,
                   samples_per_shard=samples_per_shard)
     root = Path(out_root)
-    if not overwrite and (root / "manifest.json").is_file():
-        previous = read_manifest(root)
-        if previous.name != NAME or previous.extra.get("params") != params:
-            log.info("%s holds a different dataset; regenerating", root)
-            overwrite = True
-    manifest = None
-    for split, count in (("train", num_train), ("val", num_val)):
-        if count <= 0:
-            continue
-        kw = dict(num_classes=num_classes, size=size, seed=seed)
+    kw = dict(num_classes=num_classes, size=size, seed=seed)
+
+    def write(split: str, count: int, overwrite: bool) -> DatasetManifest:
         doc = _coco_doc(split, params, num_classes)
         info = write_split(_scenes(split, count, doc, **kw), root, split, samples_per_shard=samples_per_shard,
                            image_format="png", overwrite=overwrite)
@@ -212,34 +203,28 @@ def generate_toy_objects(
                 write_instances(root, split, doc)
         else:
             write_instances(root, split, doc)
-        manifest = update_split(
+        return update_split(
             root, split, info, name=NAME, num_classes=num_classes + 1, class_names=class_names(num_classes),
             colors=[list(c) for c in _bit_interleaved_palette(num_classes + 1)],
             extra={"params": params, "generator": "dist_seg.data.toy_objects", "background_id": 0,
                    "num_object_classes": num_classes,
                    "instances": {split: instances_path(root, split).name}},
         )
-    if manifest is None:
-        raise ValueError("num_train and num_val are both 0: nothing to generate")
-    return manifest
+
+    return write_generated(root, NAME, params, num_train=num_train, num_val=num_val, overwrite=overwrite,
+                           write_split=write)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dist-seg prepare toy_objects``."""
-    parser.add_argument("--num-classes", type=int, default=3,
-                        help="object classes K (default 3; the dataset has K+1 classes, 0 = background)")
-    parser.add_argument("--num-train", type=int, default=256, help="training images (default 256)")
-    parser.add_argument("--num-val", type=int, default=64, help="validation images (default 64)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96, at least 32)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    add_generator_arguments(parser, num_classes=3, size=96, size_help=", at least 32",
+                            classes_help="object classes K (the dataset has K+1 classes, 0 = background)")
 
 
 def convert(args: argparse.Namespace) -> int:
     """Run ``dist-seg prepare toy_objects``."""
     if args.num_classes < 1 or args.size < 32:
         raise DataError("toy_objects needs --num-classes >= 1 and --size >= 32")
-    generate_toy_objects(args.out, num_classes=args.num_classes, num_train=args.num_train, num_val=args.num_val,
-                         size=args.size, seed=args.seed, samples_per_shard=args.samples_per_shard or 16,
-                         overwrite=args.overwrite)
+    generate_toy_objects(args.out, **generator_kwargs(args))
     return 0

@@ -31,19 +31,17 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dist_seg.data.classes import VOC12, VOC12_LUT
 from dist_seg.data.convert_common import (
-    DEFAULT_SAMPLES_PER_SHARD,
+    Converter,
     SourceItem,
     SplitPlan,
     SplitReport,
-    add_common_arguments,
-    check_splits,
     common_kwargs,
-    convert_dataset,
     read_label_png,
     read_rgb,
 )
@@ -54,6 +52,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("trainaug", "val")
 EXPECTED_SIZES = {"trainaug": 10582, "val": 1449}
 TRAINAUG_LIST_NAMES = ("ImageSets/Segmentation/train_aug.txt", "ImageSets/SegmentationAug/train_aug.txt")
+UNPACK = "Unpack VOCtrainval_11-May-2012.tar into --src"
+CONVERTER = Converter(classes=VOC12, splits=SPLITS, docs="docs/datasets.md#pascal-voc-2012-voc12")
 
 
 def find_voc_root(src: Path) -> tuple[Path, str]:
@@ -63,8 +63,8 @@ def find_voc_root(src: Path) -> tuple[Path, str]:
             return candidate, "official"
     if (src / "images").is_dir() and (src / "sets").is_dir():
         return src, "maskcontrast"
-    raise DataError(f"voc12: no VOC 2012 tree under {src}: expected {src / 'VOCdevkit/VOC2012'}/JPEGImages and "
-                    "ImageSets/Segmentation (unpack VOCtrainval_11-May-2012.tar into --src). See docs/datasets.md.")
+    raise CONVERTER.error(None, f"a VOC 2012 tree under {src}: the folders {src / 'VOCdevkit/VOC2012'}/JPEGImages "
+                                "and ImageSets/Segmentation", UNPACK)
 
 
 def _folders(voc: Path, layout: str) -> tuple[Path, Path]:
@@ -79,9 +79,8 @@ def find_aug_labels(voc: Path, sbd: Path | None) -> Path:
     for c in candidates:
         if c.is_dir() and any(p.suffix == ".png" for p in c.iterdir()):
             return c
-    raise DataError(f"voc12/trainaug: no SBD SegmentationClassAug labels at {' or '.join(map(str, candidates))}; "
-                    "pass --sbd DIR (the unpacked SegmentationClassAug.zip), or convert only --splits val. "
-                    "See docs/datasets.md.")
+    raise CONVERTER.error("trainaug", f"SBD's SegmentationClassAug label PNGs at {' or '.join(map(str, candidates))}",
+                          "Pass --sbd DIR (the unpacked SegmentationClassAug.zip), or convert only --splits val")
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -95,9 +94,7 @@ def _read_ids(path: Path) -> list[str]:
 
 def _val_list(voc: Path, layout: str) -> Path:
     path = voc / ("ImageSets/Segmentation/val.txt" if layout == "official" else "sets/val.txt")
-    if not path.is_file():
-        raise DataError(f"voc12/val: the image list {path} does not exist; it ships with VOCtrainval_11-May-2012.tar")
-    return path
+    return CONVERTER.require_file(path, "val", f"It ships with VOCtrainval_11-May-2012.tar; {UNPACK}")
 
 
 def resolve_trainaug_list(voc: Path, layout: str, aug_dir: Path, choice: str | None) -> tuple[list[str], str]:
@@ -130,9 +127,7 @@ def plan_split(src: PathLike, split: str, *, sbd: PathLike | None = None,
     if split == "val":
         list_path = _val_list(voc, layout)
         ids, note, lab_dir = _read_ids(list_path), f"the list {list_path}", seg_dir
-        if not lab_dir.is_dir():
-            raise DataError(f"voc12/val: expected the folder {lab_dir}, which does not exist "
-                            "(it ships with VOCtrainval_11-May-2012.tar)")
+        CONVERTER.require_dir(lab_dir, "val", f"It ships with VOCtrainval_11-May-2012.tar; {UNPACK}")
     else:
         lab_dir = find_aug_labels(voc, None if sbd is None else Path(sbd))
         ids, note = resolve_trainaug_list(voc, layout, lab_dir, trainaug_list)
@@ -154,10 +149,7 @@ def load_item(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def prepare_voc12(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLITS, sbd: PathLike | None = None,
-                  trainaug_list: str | None = None, workers: int | None = None,
-                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, image_format: str = "jpg",
-                  strict: bool = False, overwrite: bool = False, progress: bool = True,
-                  report: bool = True, crop_ratio: float = 0.5) -> dict[str, SplitReport]:
+                  trainaug_list: str | None = None, **options: Any) -> dict[str, SplitReport]:
     """Write PASCAL VOC 2012 shards (``trainaug`` and/or ``val``, original resolution).
 
     Args:
@@ -166,40 +158,23 @@ def prepare_voc12(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLIT
         splits: splits to convert.
         sbd: folder with the SBD ``SegmentationClassAug`` labels (trainaug only).
         trainaug_list: explicit trainaug image list file.
-        workers: pool processes (0 = none, None = usable cores up to 16).
-        samples_per_shard: records per shard.
-        image_format: ``"jpg"`` or ``"png"``.
-        strict: fail instead of skipping images without label, unreadable or with a wrong-size label.
-        overwrite: rewrite complete splits.
-        progress: show progress bars.
-        report: print each split's verification report.
-        crop_ratio: unused (VOC is never five-cropped); accepted with the common options.
+        **options: the options every converter takes (:meth:`~dist_seg.data.convert_common.Converter.convert`):
+            ``workers``, ``samples_per_shard``, ``image_format``, ``crop_ratio``, ``strict``, ``overwrite``,
+            ``progress``, ``report``.
 
     Returns:
         Split name -> :class:`~dist_seg.data.convert_common.SplitReport`.
     """
-    splits = check_splits(splits, SPLITS, "voc12")
-    src = Path(src)
-    if not src.is_dir():
-        raise DataError(f"voc12: --src {src} is not a folder")
-    plans = []
-    for split in splits:  # every split is listed first: a layout error surfaces before any writing
-        plan = plan_split(src, split, sbd=sbd, trainaug_list=trainaug_list)
-        note = f"[voc12/{split}] {len(plan.items)} images from {plan.details['image_list_note']}"
-        if report:
-            print(note, flush=True)
-        else:
-            log.info("%s", note)
-        plans.append(plan)
-    return convert_dataset(plans, load_item, out, VOC12, report=report, workers=workers,
-                           samples_per_shard=samples_per_shard, image_format=image_format, strict=strict,
-                           overwrite=overwrite, progress=progress)
+    def plan(root: Path, split: str) -> SplitPlan:
+        return plan_split(root, split, sbd=sbd, trainaug_list=trainaug_list)
+
+    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
 
 
 # ------------------------------------------------------------------------------------------ CLI hook
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dist-seg prepare voc12``."""
-    add_common_arguments(parser, splits=SPLITS, default_splits=SPLITS, five_crop_default=None)
+    CONVERTER.add_arguments(parser)
     parser.add_argument("--sbd", default=None, metavar="DIR",
                         help="folder with SBD's SegmentationClassAug label PNGs (for trainaug; default: "
                              "SegmentationClassAug inside the VOC2012 folder)")

@@ -208,7 +208,7 @@ def mining_provenance(cfg, *, split: str, weights_id: str) -> dict[str, Any]:
     """What a masks file of ``split`` must record to serve ``cfg`` (compared on :data:`PROVENANCE_KEYS`)."""
     from dist_seg.data.manifest import read_manifest
 
-    manifest = read_manifest(cfg.data.root)
+    manifest = read_manifest(cfg.data.root, dataset=cfg.data.dataset)
     mine = cfg.maskdistill.mine
     return {"stage": "masks", "split": split, "backbone": mine.backbone, "weights_id": weights_id,
             "heads": mine.heads, "topk": mine.topk, "mass": mine.mass, "short_side": mine.short_side,
@@ -322,10 +322,12 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
     if mine.chunk_size < 1:
         raise ValueError(f"maskdistill.mine.chunk_size must be >= 1, got {mine.chunk_size}")
     path = masks_path(cfg, split)
-    read_manifest(cfg.data.root).split(split)  # a missing dataset or split is named before any model is loaded
+    # a missing dataset or split is named before any model is loaded
+    read_manifest(cfg.data.root, dataset=cfg.data.dataset).split(split)
     device = accelerator.device if accelerator is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(mine.backbone, weights=mine.weights, allow_download=cfg.backbone.allow_download)
+    backbone = load_backbone(mine.backbone, weights=mine.weights, allow_download=cfg.backbone.allow_download,
+                             weights_key="maskdistill.mine.weights")
     backbone.to(device)
     num_heads = int(backbone.model.blocks[-1].attn.num_heads)
     if not 1 <= mine.heads <= num_heads:

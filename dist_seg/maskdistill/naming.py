@@ -98,7 +98,7 @@ def _num_clusters(cfg) -> int:
         if cfg.maskdistill.name.num_clusters < 1:
             raise ValueError(f"maskdistill.name.num_clusters must be >= 1, got {cfg.maskdistill.name.num_clusters}")
         return int(cfg.maskdistill.name.num_clusters)
-    manifest = read_manifest(cfg.data.root)
+    manifest = read_manifest(cfg.data.root, dataset=cfg.data.dataset)
     if manifest.num_classes is None or manifest.num_classes < 2:
         raise ValueError(f"dataset {cfg.data.root} has no object classes to count (num_classes="
                          f"{manifest.num_classes}); set maskdistill.name.num_clusters=K")
@@ -185,7 +185,8 @@ def name_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
     num_clusters = _num_clusters(cfg)
     device = accelerator.device if accelerator is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_backbone(name.backbone, weights=name.weights, allow_download=cfg.backbone.allow_download)
+    backbone = load_backbone(name.backbone, weights=name.weights, allow_download=cfg.backbone.allow_download,
+                             weights_key="maskdistill.name.weights")
     backbone.to(device)
     expected = naming_provenance(cfg, weights_id=backbone.weights_id, num_clusters=num_clusters)
     stored = data.get("info", {}).get("name") or {}

@@ -240,7 +240,7 @@ def _resolve(cfg, split: str | None, out_root) -> tuple[str, Path, Path, Dataset
     out = Path(out_root) if out_root is not None else pseudo_root(cfg)
     if out.resolve() == source.resolve():
         raise DataError(f"the pseudo-label dataset must not overwrite its source {source}; choose another --out")
-    src_manifest = read_manifest(source)
+    src_manifest = read_manifest(source, dataset=cfg.data.dataset)
     src_manifest.split(split)  # a missing split fails here, naming the available ones
     num_clusters = cfg.maskdistill.name.num_clusters or ((src_manifest.num_classes or 0) - 1)
     if num_clusters < 1:

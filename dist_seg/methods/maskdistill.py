@@ -140,7 +140,7 @@ class MaskDistillMethod(Method):
     def _default_steps_per_epoch(cfg: RunConfig) -> int:
         from dist_seg.data.manifest import read_manifest
 
-        num = read_manifest(cfg.data.root).splits[cfg.data.train_split].num_samples
+        num = read_manifest(cfg.data.root, dataset=cfg.data.dataset).splits[cfg.data.train_split].num_samples
         return max(1, math.ceil(num / cfg.data.batch_size))
 
     def _load_student(self, path: str) -> None:

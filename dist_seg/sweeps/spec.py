@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from dist_seg.config import ConfigError, RunConfig, from_yaml, merge
+from dist_seg.config import ConfigError, RunConfig, from_yaml, merge, override_value, yaml_error_text
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
 SEARCHERS = ("random", "grid", "optuna")
@@ -32,6 +32,24 @@ SCHEDULERS = ("asha", "none")
 RESERVED = ("train.output_dir", "tracking.")
 # Tune names trials <trainable>_<id>; their MLflow runs carry the same names.
 TRAINABLE_NAME = "dist_seg_trial"
+
+
+class SweepLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-4`` as a number.
+
+    YAML 1.1 (PyYAML) needs a dot before the exponent (``1.0e-4``) and reads ``1e-4`` as a string, which is
+    not what anyone writing ``{loguniform: [1e-4, 1e-3]}`` means (YAML 1.2 and OmegaConf read it as a float).
+    """
+
+
+SweepLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=SweepLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class SweepError(ValueError):
@@ -184,21 +202,8 @@ def _typed(cls, data: Mapping, where: str):
     return cls(**out)
 
 
-def _fmt(value: Any) -> str:
-    """A value as the right-hand side of a ``key=value`` config override (parsed back as YAML).
-
-    Plain strings stay bare (``data.root=data/toy``) when YAML reads them back unchanged; anything else is
-    written as JSON, which is valid YAML (``"true"`` for the string, ``true`` for the boolean).
-    """
-    if hasattr(value, "item"):  # numpy scalars from samplers
-        value = value.item()
-    if isinstance(value, str) and value and not any(c.isspace() for c in value):
-        try:
-            if yaml.safe_load(value) == value and "," not in value and "=" not in value:
-                return value
-        except yaml.YAMLError:
-            pass
-    return json.dumps(value)
+# A value as the right-hand side of a `key=value` override (shared with `dist-seg runs --best`).
+_fmt = override_value
 
 
 def _number(value: Any, what: str) -> float:
@@ -303,15 +308,29 @@ def load_sweep_dict(source: str | Path | Mapping) -> dict:
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path} (see recipes/sweep.yaml for the format)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise SweepError(f"{path} is not valid YAML: {err}") from None
+        raise SweepError(f"{path} is not valid YAML: {yaml_error_text(err)}") from None
     if not isinstance(data, dict):
         raise SweepError(f"{path} must hold a mapping, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     # A relative `recipe:` means the file beside the sweep file (or in its project), wherever the sweep runs.
     data.setdefault("base_dir", str(path.resolve().parent))
     return data
+
+
+def _check_run_key(key: str, item: str) -> None:
+    """A command-line ``key=value`` that names a run config key (``data.root=...``) rather than a key of the
+    sweep file: say how to pass it, instead of listing the sweep file's keys."""
+    if key.split(".")[0] in _field_names(SweepSpec):
+        return
+    try:
+        _config_field_type(key)
+    except SweepError:
+        return
+    raise SweepError(f"'{key}' is a run config key, not a key of the sweep file: write "
+                     f"'overrides+={item}' to set it for every trial (or 'params.{key}={{choice: [...]}}' "
+                     f"to search it)")
 
 
 def parse_sweep(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> SweepSpec:
@@ -335,9 +354,10 @@ def parse_sweep(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> 
             raise SweepError(f"sweep override {item!r} must look like key=value (e.g. num_samples=2)")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text)
+            value = _load_yaml(text)
         except yaml.YAMLError as err:
-            raise SweepError(f"sweep override {item!r}: value is not valid YAML ({err})") from None
+            raise SweepError(f"sweep override {item!r}: the value of '{key.strip()}' is not valid YAML "
+                             f"({yaml_error_text(err, position=False)})") from None
         key = key.strip()
         if key.endswith("+"):  # `overrides+=train.seed=1` appends to a list instead of replacing it
             key = key[:-1].strip()
@@ -346,6 +366,7 @@ def parse_sweep(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> 
                 raise SweepError(f"sweep override {item!r}: '{key}' is not a list, so += cannot append to it")
             data[key] = [*current, text if key == "overrides" else value]
             continue
+        _check_run_key(key, item)
         _set_dotted(data, key, value)
     _check_keys(data, SweepSpec, "the sweep file")
     for key in ("name", "recipe"):
