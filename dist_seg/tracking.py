@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dist_seg.config import TrackingConfig
+from dist_seg.runtime import SOURCE_ENV
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -32,7 +33,6 @@ PARENT_RUN_ENV = "DIST_SEG_PARENT_RUN_ID"
 
 
 RUN_ID_FILE = "mlflow_run.json"
-SOURCE_ENV = "DIST_SEG_SOURCE"
 # The config sections each method reads besides the common ones (data, backbone, train, eval, tracking).
 METHOD_PARAM_SECTIONS: dict[str, tuple[str, ...]] = {
     "stego": ("stego.",), "ds2dl": ("ds2dl.",), "baseline": ("baseline.",),
@@ -94,8 +94,8 @@ def git_tags(path: str | Path) -> dict[str, str]:
 
 
 def source_name() -> str:
-    """What started the run, for ``mlflow.source.name``: ``$DIST_SEG_SOURCE`` (a sweep sets it for its trials),
-    else the recipe or script on the command line (``dist-seg train recipes/stego_toy.py``)."""
+    """What started the run, for ``mlflow.source.name``: ``$DIST_SEG_SOURCE`` (the recipe the process loaded,
+    :func:`dist_seg.runtime.load_recipe`; a sweep sets it for its trials), else the script on the command line."""
     import sys
 
     if os.environ.get(SOURCE_ENV):
@@ -246,7 +246,9 @@ class Tracker:
                                                  digest=dataset["digest"][:16])
             self._mlflow.log_input(data, context="training",
                                    tags={"root": dataset["root"], "manifest_sha256": dataset["digest"],
-                                         "num_classes": str(dataset.get("num_classes"))})
+                                         "num_classes": str(dataset.get("num_classes")),
+                                         **{f"samples.{name}": str(info["num_samples"])
+                                            for name, info in dataset["splits"].items()}})
 
     @classmethod
     def for_run(cls, run_cfg, *, active: bool, tags: Mapping[str, str] = (),

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import yaml
 
 from dist_seg.config import ConfigError, RunConfig, from_yaml, to_dict
+from dist_seg.runtime import SOURCE_ENV
 
 # The sweep file and the MLflow bookkeeping live in dist_seg.sweeps; their public names stay importable here.
 from dist_seg.sweeps.runs import (  # noqa: F401
@@ -71,7 +72,6 @@ from dist_seg.sweeps.spec import (  # noqa: F401
     recipe_search_dirs,
     trial_overrides,
 )
-from dist_seg.tracking import SOURCE_ENV
 
 log = logging.getLogger("dist_seg.tune")
 
@@ -141,7 +141,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     output_dir = _trial_output_dir()
     overrides = trial_overrides(ctx, config, output_dir=output_dir, run_name=run_name)
     os.environ[PARENT_RUN_ENV] = ctx.parent_run_id
-    os.environ[SOURCE_ENV] = f"dist-seg sweep {ctx.sweep_name} ({ctx.recipe or 'recipe'})"
+    os.environ[SOURCE_ENV] = f"{ctx.recipe or 'recipe'} (dist-seg sweep {ctx.sweep_name})"
     _restore_from_tune_checkpoint(output_dir)
     reported: list[int] = []
     final: dict = {}
