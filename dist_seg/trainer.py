@@ -458,7 +458,8 @@ class Trainer:
         if final and self.accelerator.is_main_process:
             if result["cluster"] is not None:
                 paths = save_reports(result, Path(self.cfg.train.output_dir) / "eval",
-                                     class_names=self.info.class_names, colors=self.info.colors, name="final")
+                                     class_names=self.info.class_names, colors=self.info.colors, name="final",
+                                     step=self.step)
                 for p in paths.values():
                     self.tracker.log_artifact(p, "eval")
             self.tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.step)
