@@ -113,7 +113,8 @@ def _description(cfg) -> str:
     head = (f"{cfg.method} on {cfg.data.dataset} ({cfg.data.root}), backbone {cfg.backbone.name}, "
             f"{cfg.train.num_steps} steps of {cfg.data.batch_size} crops; "
             f"output in {Path(cfg.train.output_dir).resolve()}.")
-    return head + " Metrics: train/loss per step; val/* every train.val_every steps (mIoU, Acc in percent)."
+    return head + (f" Metrics: train/* every {cfg.train.log_every} steps, val/* every {cfg.train.val_every} steps "
+                   f"(mIoU, Acc, per-class IoU in percent).")
 
 
 class Tracker:
