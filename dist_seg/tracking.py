@@ -42,6 +42,8 @@ _OWNED_SECTIONS = ("stego.", "ds2dl.", "baseline.", "maskdistill.")
 # What a pyfunc model needs to run; pinned to the versions that logged it.
 _MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "omegaconf", "scipy", "mlflow")
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# Methods whose checkpoints are not segmenters of images (Mask R-CNN predicts instances): no pyfunc model.
+NO_PYFUNC_METHODS = ("maskrcnn",)
 EXPERIMENT_DESCRIPTION = (
     "dist_seg runs: unsupervised semantic segmentation heads (STEGO, DS2DL, MaskDistill) trained on frozen "
     "DINO features. Each run logs its parameters (common sections + its method's), the resolved config.yaml, "
@@ -260,6 +262,9 @@ class Tracker:
         from dist_seg.config import to_yaml
 
         weights = run_cfg.backbone.weights
+        images_in = run_cfg.method == "maskdistill" and run_cfg.maskdistill.distil.student == "deeplab"
+        if run_cfg.method in NO_PYFUNC_METHODS or images_in:  # not what dist-seg predict (and the pyfunc) runs
+            checkpoints = None
         return cls(run_cfg.tracking, active=active, params=run_params(run_cfg), tags=tags,
                    run_dir=run_cfg.train.output_dir, resume=run_cfg.train.resume, description=_description(run_cfg),
                    config_text=to_yaml(run_cfg), dataset=dataset, checkpoints=checkpoints,
