@@ -134,7 +134,8 @@ class Tracker:
         params: flat ``{"train.num_steps": ...}`` mapping logged as run parameters.
         tags: provenance tags (dataset, backbone, weights hash, ...).
         run_dir: the run's output folder (holds ``mlflow_run.json``).
-        resume: reopen the MLflow run recorded in ``run_dir`` when there is one.
+        resume: reopen the MLflow run recorded in ``run_dir`` when there is one (unless training starts over,
+            ``start_step == 0``, with parameters that differ from that run's).
         description: the run's description (MLflow's ``mlflow.note.content``).
         config_text: the resolved config, logged as the artifact ``config.yaml``.
         dataset: :func:`dist_seg.data.manifest.describe_dataset` of the training data, logged as an MLflow
@@ -148,7 +149,7 @@ class Tracker:
                  tags: Mapping[str, str] = (), run_dir: Optional[str | Path] = None, resume: bool = False,
                  description: Optional[str] = None, config_text: Optional[str] = None,
                  dataset: Optional[Mapping[str, Any]] = None, checkpoints: Optional[str | Path] = None,
-                 backbone_weights: Optional[str] = None) -> None:
+                 backbone_weights: Optional[str] = None, start_step: int = 0) -> None:
         self.active = bool(active and cfg.enabled)
         self.run_id: Optional[str] = None
         self.cfg = cfg
@@ -169,6 +170,13 @@ class Tracker:
             client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
         system_metrics = _has("psutil")
         previous = self._previous_run(client, run_dir, uri, experiment.experiment_id) if resume else None
+        if previous is not None and start_step == 0 and previous.data.metrics and any(
+                previous.data.params.get(k, v) != v for k, v in _param_values(params).items()):
+            # Training starts over (no checkpoint to resume from) with other settings: another history, another
+            # run. With the same settings it replays the logged steps exactly (deterministic), so it continues.
+            log.info("no checkpoint to resume from and the config changed: starting a new MLflow run instead of "
+                     "%s", previous.info.run_id)
+            previous = None
         all_tags = {"mlflow.source.name": source_name(), "mlflow.source.type": "LOCAL",
                     **git_tags(Path(__file__).resolve().parent), **dict(tags)}
         if previous is not None:
@@ -226,7 +234,7 @@ class Tracker:
                 for key in run.data.metrics}
 
     def _log_params(self, params: Mapping[str, Any], previous) -> None:
-        values = {k: str("None" if v is None else v) for k, v in params.items()}
+        values = _param_values(params)
         if previous is not None:
             # MLflow refuses to change a logged param: a resumed run logs only new keys and tags the changes.
             old = previous.data.params
@@ -255,7 +263,8 @@ class Tracker:
 
     @classmethod
     def for_run(cls, run_cfg, *, active: bool, tags: Mapping[str, str] = (),
-                dataset: Optional[Mapping[str, Any]] = None, checkpoints: Optional[str | Path] = None) -> Tracker:
+                dataset: Optional[Mapping[str, Any]] = None, checkpoints: Optional[str | Path] = None,
+                start_step: int = 0) -> Tracker:
         """The tracker of a training run: its parameters (:func:`run_params`), description, resolved config,
         dataset input, and its model at the end (from ``checkpoints``); reopens the run's MLflow run on
         resume."""
@@ -268,7 +277,7 @@ class Tracker:
         return cls(run_cfg.tracking, active=active, params=run_params(run_cfg), tags=tags,
                    run_dir=run_cfg.train.output_dir, resume=run_cfg.train.resume, description=_description(run_cfg),
                    config_text=to_yaml(run_cfg), dataset=dataset, checkpoints=checkpoints,
-                   backbone_weights=weights if weights and Path(weights).is_file() else None)
+                   backbone_weights=weights if weights and Path(weights).is_file() else None, start_step=start_step)
 
     # -- logging ----------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
@@ -354,6 +363,11 @@ class Tracker:
                 self._mlflow.set_tag("model_error", f"{type(err).__name__}: {err}"[:4900])
         self._mlflow.end_run(status=status)
         self.run_id = None
+
+
+def _param_values(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (strings)."""
+    return {k: str("None" if v is None else v) for k, v in dict(params).items()}
 
 
 def _has(module: str) -> bool:

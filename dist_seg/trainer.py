@@ -357,7 +357,7 @@ class Trainer:
         resumed = self.maybe_resume()
         self.tracker = Tracker.for_run(cfg, active=self.accelerator.is_main_process,
                                        dataset=_dataset_record(cfg) if self.accelerator.is_main_process else None,
-                                       checkpoints=checkpoint_dir(cfg),
+                                       checkpoints=checkpoint_dir(cfg), start_step=self.step,
                                        tags={"dataset": str(Path(cfg.data.root).resolve()),
                                              "backbone": cfg.backbone.name,
                                              "backbone.weights_id": getattr(self.backbone, "weights_id", "cache"),

@@ -163,3 +163,37 @@ def test_a_resumed_run_continues_its_own_mlflow_run(toy_run):
     assert steps == [1, 2, 3, 4, 5, 6], f"one unbroken history, each step once: {steps}"
     val = [m.step for m in client.get_metric_history(run.info.run_id, "val/cluster_mIoU")]
     assert val == sorted(set(val)) and val[-1] == 6, val
+
+
+def test_tracker_reopens_its_run_unless_training_starts_over_with_other_settings(tmp_path):
+    from mlflow import MlflowClient
+
+    from dist_seg.config import TrackingConfig
+    from dist_seg.tracking import Tracker
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="e")
+
+    def tracker(lr, start_step):
+        return Tracker(cfg, active=True, params={"stego.lr": lr}, run_dir=tmp_path / "run", resume=True,
+                       start_step=start_step)
+
+    first = tracker(0.1, 0)
+    for step in (1, 2, 3):
+        first.log_metrics({"train/loss": 1.0 / step}, step=step)
+    run_id = first.run_id
+    first.end("KILLED")
+    resumed = tracker(0.1, 2)  # from the step-2 checkpoint: replays step 3
+    assert resumed.run_id == run_id, "a resumed run continues its MLflow run"
+    for step in (3, 4):
+        resumed.log_metrics({"train/loss": 1.0 / step}, step=step)
+    resumed.end()
+    client = MlflowClient(cfg.uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    assert client.get_run(run_id).data.tags["resumes"] == "1"
+    same = tracker(0.1, 0)
+    same.end()
+    assert same.run_id is None and client.get_run(run_id).data.tags["resumes"] == "2", \
+        "starting over with the same settings replays the same history in the same run"
+    other = tracker(0.5, 0)
+    assert other.run_id != run_id, "starting over with other settings is another run"
+    other.end()
