@@ -255,7 +255,7 @@ def _train_with_workers(cfg: RunConfig, ctx: TrialContext, run_name: str) -> Non
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": to_dict(cfg), "parent_run_id": ctx.parent_run_id, "use_gpu": bool(gpu),
-                           "cwd": os.getcwd()},
+                           "cwd": os.getcwd(), "source": os.environ.get(SOURCE_ENV, "")},
         scaling_config=ray.train.ScalingConfig(num_workers=ctx.trial_workers, use_gpu=bool(gpu),
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=f"{run_name}-workers",
@@ -281,6 +281,8 @@ def _worker_loop(loop_config: dict) -> None:
     if os.path.isdir(loop_config["cwd"]):
         os.chdir(loop_config["cwd"])
     os.environ[PARENT_RUN_ENV] = loop_config["parent_run_id"]
+    if loop_config.get("source"):
+        os.environ[SOURCE_ENV] = loop_config["source"]
     if not loop_config["use_gpu"]:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     cfg = from_yaml(RunConfig, yaml.safe_dump(loop_config["config"]))
