@@ -194,6 +194,9 @@ class TrackingConfig:
     uri: Optional[str] = None
     experiment: str = "dist_seg"
     run_name: Optional[str] = None
+    # The final checkpoint as an MLflow pyfunc model (dist_seg/serving.py), registered under this name if set.
+    log_model: bool = True
+    register_model: Optional[str] = None
 
 
 @dataclass(kw_only=True)

@@ -74,6 +74,48 @@ def predict_image(method, backbone, image: np.ndarray, *, res: int, device: torc
     return labels.astype(np.int64)
 
 
+class Predictor:
+    """A checkpoint ready to segment images: what ``dist-seg predict`` and the MLflow model
+    (:mod:`dist_seg.serving`) both run, so their label maps are the same.
+
+    Args:
+        checkpoint: a training checkpoint, read with ``torch.load(weights_only=True)`` (unless ``trust``).
+        device: where the backbone and head run.
+        overrides: config overrides (``backbone.weights=/path``).
+        raw_clusters: keep cluster ids instead of mapping them to classes.
+        trust: also read an old-format pickle (runs any code it holds).
+
+    Raises:
+        ValueError: (``CheckpointError``) the checkpoint cannot be used; FileNotFoundError: missing weights.
+    """
+
+    def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu", overrides=(),
+                 raw_clusters: bool = False, trust: bool = False) -> None:
+        from dist_seg.backbones import backbone_dtype, load_backbone
+        from dist_seg.trainer import load_method_checkpoint
+
+        self.device = torch.device(device)
+        self.method, self.cfg, state = load_method_checkpoint(checkpoint, device=self.device, overrides=overrides,
+                                                               trust=trust)
+        cfg = self.cfg
+        self.backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights,
+                                      allow_download=cfg.backbone.allow_download,
+                                      dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)
+                                      ).to(self.device)
+        assignment = None if raw_clusters else state.get("assignment")
+        if assignment is not None:
+            assignment = np.asarray(assignment)
+            # Unmatched clusters (−1) are written as 255, the usual "void" value of label PNGs.
+            assignment = np.where(assignment < 0, 255, assignment)
+        self.assignment = assignment
+        self.meta = state.get("meta", {})
+
+    def __call__(self, image: np.ndarray, *, res: Optional[int] = None, crf: bool = False) -> np.ndarray:
+        """Label map ``[H, W]`` (int64) of one RGB uint8 image ``[H, W, 3]``."""
+        return predict_image(self.method, self.backbone, image, res=res or self.cfg.data.eval_res,
+                             device=self.device, crf=crf, assignment=self.assignment)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
@@ -93,32 +135,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from dist_seg.backbones import backbone_dtype, load_backbone
     from dist_seg.eval.plots import colorize, default_palette
     from dist_seg.runtime import setup_logging
-    from dist_seg.trainer import load_method_checkpoint
 
     setup_logging()
-    device = torch.device(args.device)
     try:
-        method, cfg, state = load_method_checkpoint(args.checkpoint, device=device, overrides=args.overrides,
-                                                    trust=args.trust_checkpoint)
+        predictor = Predictor(args.checkpoint, device=args.device, overrides=args.overrides,
+                              raw_clusters=args.raw_clusters, trust=args.trust_checkpoint)
         paths = list_images(args.images)
-        backbone = load_backbone(cfg.backbone.name, cfg.backbone.weights, allow_download=cfg.backbone.allow_download,
-                                 dtype=backbone_dtype(cfg.backbone.dtype, cfg.train.mixed_precision)).to(device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not paths:
         print(f"error: no images found in {args.images}", file=sys.stderr)
         return 2
-    assignment = None if args.raw_clusters else state.get("assignment")
-    if assignment is not None:
-        assignment = np.asarray(assignment)
-        # Unmatched clusters (−1) are written as 255, the usual "void" value of label PNGs.
-        assignment = np.where(assignment < 0, 255, assignment)
-    meta = state.get("meta", {})
-    colors = meta.get("colors") or default_palette(256)
+    colors = predictor.meta.get("colors") or default_palette(256)
     out = Path(args.out)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     if not args.no_overlays:
@@ -127,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.images)
     written = 0
     for path, image in tqdm(_read(paths, skipped), total=len(paths), desc="predict", disable=not sys.stderr.isatty()):
-        labels = predict_image(method, backbone, image, res=args.res or cfg.data.eval_res, device=device,
-                               crf=args.crf, assignment=assignment)
+        labels = predictor(image, res=args.res, crf=args.crf)
         rel = path.relative_to(root).with_suffix(".png")
         target = out / "labels" / rel
         target.parent.mkdir(parents=True, exist_ok=True)

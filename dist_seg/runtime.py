@@ -20,6 +20,8 @@ from dist_seg.config import ConfigError, RunConfig, merge
 PathLike = Union[str, os.PathLike]
 # Recipes shipped with the project (``recipes/`` beside the package), for names such as ``stego_toy``.
 PROJECT_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# The recipe a process last loaded: what MLflow records as the source of the runs it starts (mlflow.source.name).
+SOURCE_ENV = "DIST_SEG_SOURCE"
 
 
 def setup_logging() -> None:
@@ -315,6 +317,7 @@ def load_recipe(path_or_name: PathLike, *, search: Iterable[PathLike] = ()) -> C
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
         raise ConfigError(f"{path} defines no config() function")
+    os.environ[SOURCE_ENV] = str(path.resolve())
     return module.config
 
 

@@ -12,60 +12,281 @@ parameters that differ between the rows listed, sorted by a metric and fitted to
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import logging
 import math
 import os
 import shutil
 import textwrap
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from dist_seg.config import TrackingConfig
+from dist_seg.runtime import SOURCE_ENV
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_RUN_ENV = "DIST_SEG_PARENT_RUN_ID"
 
 
+RUN_ID_FILE = "mlflow_run.json"
+# The config sections each method reads besides the common ones (data, backbone, train, eval, tracking).
+METHOD_PARAM_SECTIONS: dict[str, tuple[str, ...]] = {
+    "stego": ("stego.",), "ds2dl": ("ds2dl.",), "baseline": ("baseline.",),
+    "maskrcnn": ("maskdistill.detect.",), "maskdistill": ("maskdistill.distil.",),
+}
+_OWNED_SECTIONS = ("stego.", "ds2dl.", "baseline.", "maskdistill.")
+# What a pyfunc model needs to run; pinned to the versions that logged it.
+_MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "omegaconf", "scipy", "mlflow")
+SERVING_CODE = Path(__file__).with_name("serving.py")
+# Methods whose checkpoints are not segmenters of images (Mask R-CNN predicts instances): no pyfunc model.
+NO_PYFUNC_METHODS = ("maskrcnn",)
+EXPERIMENT_DESCRIPTION = (
+    "dist_seg runs: unsupervised semantic segmentation heads (STEGO, DS2DL, MaskDistill) trained on frozen "
+    "DINO features. Each run logs its parameters (common sections + its method's), the resolved config.yaml, "
+    "its dataset as an input, train/* and val/* metrics (mIoU and Acc in percent), evaluation figures and the "
+    "final model (a pyfunc: mlflow.pyfunc.load_model(uri).predict(uint8 images [N, H, W, 3]) -> label maps).")
+
+
 def tracking_uri(cfg_uri: Optional[str] = None) -> str:
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def run_params(cfg) -> dict[str, Any]:
+    """The flattened config of a run without the sections of methods it does not train.
+
+    A STEGO run logs the common sections and ``stego.*``, never ``ds2dl.*``, ``baseline.*`` or
+    ``maskdistill.*``: those are defaults it never reads, and MLflow's compare view would plot them.
+    """
+    from dist_seg.config import flatten
+
+    own = METHOD_PARAM_SECTIONS.get(cfg.method, ())
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(_OWNED_SECTIONS) or k.startswith(own)}
+
+
+def git_tags(path: str | Path) -> dict[str, str]:
+    """MLflow's source tags of the git checkout holding ``path``: commit, branch, remote URL, and
+    ``git.dirty`` (uncommitted changes to tracked files). Empty when ``path`` is not in a checkout."""
+    import subprocess
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    tags = {MLFLOW_GIT_COMMIT: commit, "git.dirty": "true" if git("status", "--porcelain", "--untracked-files=no")
+            else "false"}
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags[MLFLOW_GIT_BRANCH] = branch
+    remote = git("remote", "get-url", "origin")
+    if remote:
+        tags[MLFLOW_GIT_REPO_URL] = remote
+    return tags
+
+
+def source_name() -> str:
+    """What started the run, for ``mlflow.source.name``: ``$DIST_SEG_SOURCE`` (the recipe the process loaded,
+    :func:`dist_seg.runtime.load_recipe`; a sweep sets it for its trials), else the script on the command line."""
+    import sys
+
+    if os.environ.get(SOURCE_ENV):
+        return os.environ[SOURCE_ENV]
+    argv = [a for a in sys.argv if not a.startswith("-")]
+    script = next((a for a in argv if a.endswith(".py") and Path(a).is_file()), None)
+    entry = Path(argv[0]).name if argv else "python"
+    if script is None:
+        return " ".join([entry, *argv[1:2]])
+    script = str(Path(script).resolve())
+    return script if argv and Path(argv[0]).resolve() == Path(script) else f"{entry} {' '.join(argv[1:2])} {script}"
+
+
+def _description(cfg) -> str:
+    head = (f"{cfg.method} on {cfg.data.dataset} ({cfg.data.root}), backbone {cfg.backbone.name}, "
+            f"{cfg.train.num_steps} steps of {cfg.data.batch_size} crops; "
+            f"output in {Path(cfg.train.output_dir).resolve()}.")
+    return head + (f" Metrics: train/* every {cfg.train.log_every} steps, val/* every {cfg.train.val_every} steps "
+                   f"(mIoU, Acc, per-class IoU in percent).")
+
+
 class Tracker:
     """A thin wrapper over one MLflow run.
+
+    A run keeps one MLflow run for its whole life: with ``run_dir`` the run id is written to
+    ``<run_dir>/mlflow_run.json``, and a resumed run (``resume``) reopens that MLflow run instead of starting
+    another, so a trial restarted by ``dist-seg sweep --resume`` or a re-run ``dist-seg train`` continues its
+    own metric history. Steps already logged before the interruption are not logged twice (a resumed run
+    replays them from its last checkpoint with the same values).
 
     Args:
         cfg: tracking section of the run config.
         active: False on non-main ranks (and when tracking is disabled): every call is a no-op.
         params: flat ``{"train.num_steps": ...}`` mapping logged as run parameters.
         tags: provenance tags (dataset, backbone, weights hash, ...).
+        run_dir: the run's output folder (holds ``mlflow_run.json``).
+        resume: reopen the MLflow run recorded in ``run_dir`` when there is one (unless training starts over,
+            ``start_step == 0``, with parameters that differ from that run's).
+        description: the run's description (MLflow's ``mlflow.note.content``).
+        config_text: the resolved config, logged as the artifact ``config.yaml``.
+        dataset: :func:`dist_seg.data.manifest.describe_dataset` of the training data, logged as an MLflow
+            dataset input.
+        checkpoints: folder of the run's ``step-*.pt`` checkpoints; when the run ends FINISHED the newest one
+            is logged as the run's model (:meth:`log_model`).
+        backbone_weights: a local backbone weights file, bundled with the model so that it serves anywhere.
     """
 
     def __init__(self, cfg: TrackingConfig, *, active: bool, params: Mapping[str, Any] = (),
-                 tags: Mapping[str, str] = ()) -> None:
+                 tags: Mapping[str, str] = (), run_dir: Optional[str | Path] = None, resume: bool = False,
+                 description: Optional[str] = None, config_text: Optional[str] = None,
+                 dataset: Optional[Mapping[str, Any]] = None, checkpoints: Optional[str | Path] = None,
+                 backbone_weights: Optional[str] = None, start_step: int = 0) -> None:
         self.active = bool(active and cfg.enabled)
         self.run_id: Optional[str] = None
+        self.cfg = cfg
+        self.checkpoints = Path(checkpoints) if checkpoints else None
+        self.backbone_weights = backbone_weights
+        self.model_uri: Optional[str] = None
+        self._last_step: dict[str, int] = {}
         if not self.active:
             return
         import mlflow
 
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri(cfg.uri))
-        mlflow.set_experiment(cfg.experiment)
-        parent = os.environ.get(PARENT_RUN_ENV)
-        run = mlflow.start_run(run_name=cfg.run_name, parent_run_id=parent or None, nested=bool(parent))
+        uri = tracking_uri(cfg.uri)
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment(cfg.experiment)
+        client = mlflow.MlflowClient()
+        if "mlflow.note.content" not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+        system_metrics = _has("psutil")
+        previous = self._previous_run(client, run_dir, uri, experiment.experiment_id) if resume else None
+        if previous is not None and start_step == 0 and previous.data.metrics and any(
+                previous.data.params.get(k, v) != v for k, v in _param_values(params).items()):
+            # Training starts over (no checkpoint to resume from) with other settings: another history, another
+            # run. With the same settings it replays the logged steps exactly (deterministic), so it continues.
+            log.info("no checkpoint to resume from and the config changed: starting a new MLflow run instead of "
+                     "%s", previous.info.run_id)
+            previous = None
+        all_tags = {"mlflow.source.name": source_name(), "mlflow.source.type": "LOCAL",
+                    **git_tags(Path(__file__).resolve().parent), **dict(tags)}
+        if previous is not None:
+            run = mlflow.start_run(run_id=previous.info.run_id, log_system_metrics=system_metrics)
+            self._last_step = self._logged_steps(client, previous)
+            # A resumed run must not look interrupted or failed any more (the error is kept as previous_error);
+            # it records how often it was resumed.
+            old_tags = previous.data.tags
+            if "error" in old_tags:
+                all_tags["previous_error"] = old_tags["error"]
+            for key in ("sweep.interrupted", "sweep.stopped_at_step", "error", "error.type"):
+                if key in old_tags:
+                    client.delete_tag(previous.info.run_id, key)
+            all_tags["resumes"] = str(int(previous.data.tags.get("resumes", "0")) + 1)
+        else:
+            parent = os.environ.get(PARENT_RUN_ENV)
+            run = mlflow.start_run(run_name=cfg.run_name, parent_run_id=parent or None, nested=bool(parent),
+                                   description=description, log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
+        # MLflow ends a still-active run as FINISHED when the process exits; a process that exits mid-run (a
+        # Ray trial stopped with its sweep, sys.exit in a callback) ends it as KILLED instead (atexit: LIFO).
+        atexit.register(self._end_at_exit)
+        if run_dir is not None:
+            path = Path(run_dir) / RUN_ID_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"run_id": self.run_id, "experiment_id": experiment.experiment_id,
+                                        "tracking_uri": uri}))
+        mlflow.set_tags(all_tags)
         if params:
-            # MLflow caps a param value at a few thousand characters; ours are short scalars.
-            mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
-        if tags:
-            mlflow.set_tags(dict(tags))
+            self._log_params(params, previous)
+        if config_text is not None:
+            mlflow.log_text(config_text, "config.yaml")
+        if dataset is not None:
+            self._log_dataset(dataset)
 
+    # -- set-up helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _previous_run(client, run_dir, uri: str, experiment_id: str):
+        """The MLflow run recorded in ``run_dir`` when it is in this store and experiment and not deleted."""
+        if run_dir is None or not (Path(run_dir) / RUN_ID_FILE).is_file():
+            return None
+        try:
+            record = json.loads((Path(run_dir) / RUN_ID_FILE).read_text())
+            if record.get("tracking_uri") != uri or record.get("experiment_id") != experiment_id:
+                return None
+            run = client.get_run(record["run_id"])
+        except Exception as err:  # noqa: BLE001 - an unusable record just means a new run
+            log.warning("not continuing the MLflow run recorded in %s (%s): starting a new one", run_dir, err)
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
+
+    @staticmethod
+    def _logged_steps(client, run) -> dict[str, int]:
+        return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+                for key in run.data.metrics}
+
+    def _log_params(self, params: Mapping[str, Any], previous) -> None:
+        values = _param_values(params)
+        if previous is not None:
+            # MLflow refuses to change a logged param: a resumed run logs only new keys and tags the changes.
+            old = previous.data.params
+            changed = sorted(k for k, v in values.items() if k in old and old[k] != v)
+            if changed:
+                self._mlflow.set_tag("resume.changed_params", ", ".join(changed)[:4900])
+            values = {k: v for k, v in values.items() if k not in old}
+        if values:
+            # MLflow caps a param value at a few thousand characters; ours are short scalars.
+            self._mlflow.log_params(values)
+
+    def _log_dataset(self, dataset: Mapping[str, Any]) -> None:
+        import pandas as pd
+
+        rows = [{"split": name, **info} for name, info in dataset["splits"].items()]
+        frame = pd.DataFrame(rows, columns=["split", "num_samples", "has_labels", "crop", "num_shards"])
+        with warnings.catch_warnings():  # MLflow's notes on how it reads the source path and int columns
+            warnings.simplefilter("ignore", UserWarning)
+            data = self._mlflow.data.from_pandas(frame, source=dataset["root"], name=dataset["name"],
+                                                 digest=dataset["digest"][:16])
+            self._mlflow.log_input(data, context="training",
+                                   tags={"root": dataset["root"], "manifest_sha256": dataset["digest"],
+                                         "num_classes": str(dataset.get("num_classes")),
+                                         **{f"samples.{name}": str(info["num_samples"])
+                                            for name, info in dataset["splits"].items()}})
+
+    @classmethod
+    def for_run(cls, run_cfg, *, active: bool, tags: Mapping[str, str] = (),
+                dataset: Optional[Mapping[str, Any]] = None, checkpoints: Optional[str | Path] = None,
+                start_step: int = 0) -> Tracker:
+        """The tracker of a training run: its parameters (:func:`run_params`), description, resolved config,
+        dataset input, and its model at the end (from ``checkpoints``); reopens the run's MLflow run on
+        resume."""
+        from dist_seg.config import to_yaml
+
+        weights = run_cfg.backbone.weights
+        images_in = run_cfg.method == "maskdistill" and run_cfg.maskdistill.distil.student == "deeplab"
+        if run_cfg.method in NO_PYFUNC_METHODS or images_in:  # not what dist-seg predict (and the pyfunc) runs
+            checkpoints = None
+        return cls(run_cfg.tracking, active=active, params=run_params(run_cfg), tags=tags,
+                   run_dir=run_cfg.train.output_dir, resume=run_cfg.train.resume, description=_description(run_cfg),
+                   config_text=to_yaml(run_cfg), dataset=dataset, checkpoints=checkpoints,
+                   backbone_weights=weights if weights and Path(weights).is_file() else None, start_step=start_step)
+
+    # -- logging ----------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         if not self.active:
             return
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if step is not None and self._last_step:
+            # Steps a resumed run replays were logged before the interruption (with the same values).
+            clean = {k: v for k, v in clean.items() if step > self._last_step.get(k, -1)}
         if clean:
             self._mlflow.log_metrics(clean, step=step)
 
@@ -77,10 +298,82 @@ class Tracker:
         if self.active:
             self._mlflow.set_tags(dict(tags))
 
+    def log_model(self, checkpoint: str | Path) -> Optional[str]:
+        """Log ``checkpoint`` as the run's MLflow model and return its URI (registered as
+        ``tracking.register_model`` when set).
+
+        The model is a models-from-code pyfunc (:mod:`dist_seg.serving`): loading it reads the checkpoint with
+        ``torch.load(weights_only=True)`` and unpickles nothing; ``predict(images)`` takes uint8 RGB images
+        ``[N, H, W, 3]`` and returns ``dist-seg predict``'s label maps ``[N, H, W]``.
+        """
+        if not self.active:
+            return None
+        from importlib.metadata import PackageNotFoundError, version
+
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        requirements = []
+        for name in _MODEL_REQUIREMENTS:
+            try:
+                requirements.append(f"{name}=={version(name)}")
+            except PackageNotFoundError:
+                continue
+        artifacts = {"checkpoint": str(checkpoint)}
+        if self.backbone_weights:
+            artifacts["backbone_weights"] = str(self.backbone_weights)
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]))
+        with warnings.catch_warnings():
+            # pyfunc asks for type hints / an input example; the explicit tensor signature says it all, and an
+            # example would load the whole model in the training process.
+            warnings.simplefilter("ignore", UserWarning)
+            info = self._mlflow.pyfunc.log_model(
+                name="model", python_model=str(SERVING_CODE), artifacts=artifacts, signature=signature,
+                pip_requirements=requirements, registered_model_name=self.cfg.register_model or None,
+                metadata={"checkpoint": Path(checkpoint).name, "dist_seg_source": "dist_seg/serving.py"})
+        self.model_uri = info.model_uri
+        self._mlflow.set_tag("model_uri", info.model_uri)
+        return info.model_uri
+
+    def _end_at_exit(self) -> None:
+        if self.run_id is not None and self._mlflow.active_run() is not None:
+            self._mlflow.set_tag("ended_by", "the process exited before the run ended")
+            self._mlflow.end_run(status="KILLED")
+        self.run_id = None
+
     def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id is not None:
-            self._mlflow.end_run(status=status)
-            self.run_id = None
+        """End the run with ``status``; a run ended while ``SystemExit``/``KeyboardInterrupt`` propagates (Ctrl-C,
+        Ray Tune stopping a trial) is KILLED, not FAILED: it was stopped, nothing went wrong."""
+        import sys
+
+        if not (self.active and self.run_id is not None):
+            return
+        atexit.unregister(self._end_at_exit)
+        if status == "FAILED" and isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)):
+            status = "KILLED"
+        if status == "FINISHED" and self.checkpoints is not None and self.cfg.log_model:
+            final = sorted(self.checkpoints.glob("step-*.pt"))
+            try:
+                if final:
+                    self.log_model(final[-1])
+            except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why it has no model
+                log.warning("could not log the model of run %s to MLflow: %s", self.run_id, err)
+                self._mlflow.set_tag("model_error", f"{type(err).__name__}: {err}"[:4900])
+        self._mlflow.end_run(status=status)
+        self.run_id = None
+
+
+def _param_values(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (strings)."""
+    return {k: str("None" if v is None else v) for k, v in dict(params).items()}
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 # ---------------------------------------------------------------------------------------- runs table

@@ -30,7 +30,7 @@ import torch
 
 from dist_seg import distributed as D
 from dist_seg.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from dist_seg.config import ConfigError, RunConfig, flatten, merge, save_config, to_dict
+from dist_seg.config import ConfigError, RunConfig, merge, save_config, to_dict
 from dist_seg.data.manifest import DataError
 from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
 from dist_seg.methods import build_method, method_class
@@ -441,11 +441,14 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_config(cfg, out_dir / "config.yaml")
         resumed = self.maybe_resume()
-        self.tracker = Tracker(cfg.tracking, active=self.accelerator.is_main_process, params=flatten(cfg),
-                               tags={"dataset": cfg.data.root, "backbone": cfg.backbone.name,
-                                     "backbone.weights_id": getattr(self.backbone, "weights_id", "cache"),
-                                     "method": cfg.method, "world_size": str(self.world),
-                                     "resumed_from_step": str(self.step) if resumed else "0"})
+        self.tracker = Tracker.for_run(cfg, active=self.accelerator.is_main_process,
+                                       dataset=_dataset_record(cfg) if self.accelerator.is_main_process else None,
+                                       checkpoints=checkpoint_dir(cfg), start_step=self.step,
+                                       tags={"dataset": str(Path(cfg.data.root).resolve()),
+                                             "backbone": cfg.backbone.name,
+                                             "backbone.weights_id": getattr(self.backbone, "weights_id", "cache"),
+                                             "method": cfg.method, "world_size": str(self.world),
+                                             "resumed_from_step": str(self.step) if resumed else "0"})
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         status = "FAILED"
         try:
@@ -601,7 +604,8 @@ class Trainer:
         if final and self.accelerator.is_main_process:
             if result["cluster"] is not None:
                 paths = save_reports(result, Path(self.cfg.train.output_dir) / "eval",
-                                     class_names=self.info.class_names, colors=self.info.colors, name="final")
+                                     class_names=self.info.class_names, colors=self.info.colors, name="final",
+                                     step=self.step)
                 for p in paths.values():
                     self.tracker.log_artifact(p, "eval")
             self.tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=self.step)
@@ -640,6 +644,16 @@ class _Window:
         self.start = time.perf_counter()
         self.steps = 0
         self.paused = 0.0
+
+
+def _dataset_record(cfg: RunConfig) -> Optional[dict]:
+    """The training data as the run's MLflow dataset input (None for a dataset without a manifest)."""
+    from dist_seg.data.manifest import describe_dataset
+
+    try:
+        return describe_dataset(cfg.data.root) if cfg.tracking.enabled else None
+    except (OSError, ValueError):
+        return None
 
 
 def _main_thread() -> bool:

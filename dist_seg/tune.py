@@ -22,9 +22,11 @@ it with the driver.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Any, Optional
 import yaml
 
 from dist_seg.config import ConfigError, RunConfig, from_yaml, to_dict
+from dist_seg.runtime import SOURCE_ENV
 
 # The sweep file and the MLflow bookkeeping live in dist_seg.sweeps; their public names stay importable here.
 from dist_seg.sweeps.preflight import check_sweep_data, check_trial_fits
@@ -41,6 +44,7 @@ from dist_seg.sweeps.runs import (  # noqa: F401
     _find_trial_run,
     _record_trial,
     absolute_tracking_uri,
+    mark_interrupted,
     reconcile_runs,
 )
 from dist_seg.sweeps.spec import (  # noqa: F401
@@ -135,11 +139,23 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         os.chdir(ctx.cwd)
     context = tune.get_context()
     run_name, trial_id = context.get_trial_name(), context.get_trial_id()
-    overrides = trial_overrides(ctx, config, output_dir=_trial_output_dir(), run_name=run_name)
+    output_dir = _trial_output_dir()
+    overrides = trial_overrides(ctx, config, output_dir=output_dir, run_name=run_name)
     os.environ[PARENT_RUN_ENV] = ctx.parent_run_id
+    os.environ[SOURCE_ENV] = f"{ctx.recipe or 'recipe'} (dist-seg sweep {ctx.sweep_name})"
+    _restore_from_tune_checkpoint(output_dir)
     reported: list[int] = []
     final: dict = {}
     cfg: Optional[RunConfig] = None
+    last_checkpoint: list[Optional[Path]] = [None]
+
+    def checkpoint() -> Optional[Any]:
+        """The trainer's newest checkpoint as a Tune checkpoint when it is new since the last report."""
+        newest = _newest_checkpoint(output_dir)
+        if newest is None or newest == last_checkpoint[0]:
+            return None
+        last_checkpoint[0] = newest
+        return _tune_checkpoint(output_dir, newest)
 
     def on_eval(step: int, metrics: dict) -> None:
         reported.append(int(step))
@@ -149,7 +165,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             # not interrupt the final checkpoint and reports of a trial that already ran every step.
             final.update(result)
         else:
-            tune.report(result)
+            tune.report(result, checkpoint=checkpoint())
 
     try:
         cfg = _resolve_trial_config(ctx, overrides)
@@ -166,6 +182,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         if err.code not in (None, 0):
             _record_trial(ctx, run_name, trial_id, overrides=overrides, error=err)
         else:
+            # Tune stopped the trial: its scheduler, the time budget, or an interrupted sweep. Only the driver
+            # knows which; it tags the run (sweep.early_stopped / sweep.interrupted) in reconcile_runs.
             _record_trial(ctx, run_name, trial_id, overrides=overrides, stopped_at=reported[-1] if reported else 0)
         raise
     except BaseException as err:
@@ -173,7 +191,52 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         raise
     _record_trial(ctx, run_name, trial_id, overrides=overrides)
     if final:
-        tune.report(final)
+        tune.report(final, checkpoint=checkpoint())
+
+
+def _newest_checkpoint(output_dir: str) -> Optional[Path]:
+    from dist_seg.trainer import CKPT_DIR
+
+    found = sorted((Path(output_dir) / CKPT_DIR).glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def _tune_checkpoint(output_dir: str, path: Path):
+    """``tune.Checkpoint`` of one trainer checkpoint plus the trial's MLflow run id (``mlflow_run.json``), so
+    that ``Result.checkpoint`` works and a trial restored on another node continues its own MLflow run."""
+    import shutil
+    import tempfile
+
+    from ray import tune
+
+    from dist_seg.tracking import RUN_ID_FILE
+
+    folder = Path(tempfile.mkdtemp(prefix="dist_seg_ckpt_"))
+    shutil.copy2(path, folder / path.name)
+    if (Path(output_dir) / RUN_ID_FILE).is_file():
+        shutil.copy2(Path(output_dir) / RUN_ID_FILE, folder / RUN_ID_FILE)
+    return tune.Checkpoint.from_directory(str(folder))
+
+
+def _restore_from_tune_checkpoint(output_dir: str) -> None:
+    """A restored trial whose output folder lacks its checkpoints (Tune storage on s3, a trial moved to another
+    node) gets them back from the checkpoint it last reported to Tune; a local folder is already complete."""
+    import shutil
+
+    from ray import tune
+
+    from dist_seg.tracking import RUN_ID_FILE
+    from dist_seg.trainer import CKPT_DIR
+
+    restored = tune.get_checkpoint()
+    if restored is None or _newest_checkpoint(output_dir) is not None:
+        return
+    with restored.as_directory() as folder:
+        for item in Path(folder).iterdir():
+            target = Path(output_dir) / (RUN_ID_FILE if item.name == RUN_ID_FILE else f"{CKPT_DIR}/{item.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, target)
+    log.info("restored %s from Tune's checkpoint %s", output_dir, restored.path)
 
 
 def _train_with_workers(cfg: RunConfig, ctx: TrialContext, run_name: str) -> None:
@@ -193,7 +256,7 @@ def _train_with_workers(cfg: RunConfig, ctx: TrialContext, run_name: str) -> Non
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": to_dict(cfg), "parent_run_id": ctx.parent_run_id, "use_gpu": bool(gpu),
-                           "cwd": os.getcwd()},
+                           "cwd": os.getcwd(), "source": os.environ.get(SOURCE_ENV, "")},
         scaling_config=ray.train.ScalingConfig(num_workers=ctx.trial_workers, use_gpu=bool(gpu),
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=f"{run_name}-workers",
@@ -219,6 +282,8 @@ def _worker_loop(loop_config: dict) -> None:
     if os.path.isdir(loop_config["cwd"]):
         os.chdir(loop_config["cwd"])
     os.environ[PARENT_RUN_ENV] = loop_config["parent_run_id"]
+    if loop_config.get("source"):
+        os.environ[SOURCE_ENV] = loop_config["source"]
     if not loop_config["use_gpu"]:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     cfg = from_yaml(RunConfig, yaml.safe_dump(loop_config["config"]))
@@ -267,6 +332,8 @@ class SweepResult:
     best_overrides: list[str] = field(default_factory=list)
     command: Optional[str] = None
     results: Any = None
+    interrupted: bool = False
+    num_unfinished: int = 0
 
 
 def _build_knn_table(config: dict, cwd: str) -> str:
@@ -359,7 +426,9 @@ def _searcher(spec: SweepSpec):
         return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed)
+    # Ray ignores TuneConfig.max_concurrent_trials (with a warning) when search_alg is a BasicVariantGenerator:
+    # the cap has to be the generator's own.
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials or 0)
 
 
 def _trainable(spec: SweepSpec, ctx: TrialContext):
@@ -448,6 +517,8 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         if resume:
             parent_run_id = state["parent_run_id"]
             client.update_run(parent_run_id, status="RUNNING")
+            if "sweep.interrupted" in client.get_run(parent_run_id).data.tags:
+                client.delete_tag(parent_run_id, "sweep.interrupted")
         else:
             exp = client.get_experiment_by_name(experiment)
             experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -467,14 +538,16 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                            tracking_uri=uri, experiment=experiment, sweep_name=spec.name, metric=spec.metric,
                            trial_workers=spec.trial_workers,
                            resources={"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-                           cwd=state["cwd"] if resume else os.getcwd())
+                           cwd=state["cwd"] if resume else os.getcwd(), recipe=recipe_path(spec))
         if not resume:
             prepare_shared_inputs(spec, base)
         trainable = _trainable(spec, ctx)
         run_config = tune.RunConfig(
             name=spec.name, storage_path=_absolute_storage(spec.storage_path),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False),
-            callbacks=[_make_callback(ctx)], verbose=spec.verbose)
+            callbacks=[_make_callback(ctx)], verbose=spec.verbose,
+            # Trials report the trainer's checkpoints (Result.checkpoint); Tune keeps the newest two per trial.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
         if resume:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=retry_failed)
         else:
@@ -483,11 +556,26 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                 tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                             search_alg=_searcher(spec),
                                             scheduler=_scheduler(spec, base.train.num_steps),
-                                            max_concurrent_trials=spec.max_concurrent_trials,
+                                            # a BasicVariantGenerator carries the cap itself (_searcher)
+                                            max_concurrent_trials=spec.max_concurrent_trials
+                                            if spec.search == "optuna" else None,
                                             reuse_actors=spec.reuse_actors,
                                             time_budget_s=spec.budget.time_budget_s))
-        grid = tuner.fit()
-        reconcile_runs(grid, ctx, num_steps=base.train.num_steps)
+        with _stop_on_signals() as signalled:
+            grid = tuner.fit()
+        unfinished = _unfinished_trials(grid)
+        if signalled.is_set() or unfinished:
+            # Ctrl-C / SIGTERM: Tune stopped its loop and the trials and saved its state. The runs of trials
+            # that had not run all their steps are interrupted, whatever Tune's last word on them was; the end of
+            # the resumed sweep settles them (reconcile_runs).
+            marked = mark_interrupted(ctx)
+            client.set_tag(parent_run_id, "sweep.interrupted", "true")
+            client.set_terminated(parent_run_id, status="KILLED")
+            return SweepResult(experiment_path=exp_path, parent_run_id=parent_run_id, tracking_uri=uri,
+                               experiment=experiment, num_trials=len(grid), num_errors=grid.num_errors,
+                               results=grid, interrupted=True,
+                               num_unfinished=max(len(unfinished), len(marked)))
+        reconcile_runs(grid, ctx, num_steps=base.train.num_steps, scheduler=spec.scheduler.type)
         result = _summarise(spec, grid, base, exp_path=exp_path, parent_run_id=parent_run_id, uri=uri,
                             experiment=experiment)
         if result.best_trial is not None:
@@ -497,8 +585,11 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         client.set_tag(parent_run_id, "sweep.num_errors", str(result.num_errors))
         client.set_terminated(parent_run_id, status="FINISHED" if result.best_trial is not None else "FAILED")
         return result
-    except BaseException:
+    except BaseException as err:
         if parent_run_id is not None:
+            if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C: Tune could not stop gracefully
+                mark_interrupted(ctx)
+                client.set_tag(parent_run_id, "sweep.interrupted", "true")
             client.set_terminated(parent_run_id, status="KILLED")
         raise
     finally:
@@ -506,6 +597,46 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
             import ray
 
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """While Tune runs: SIGTERM stops the sweep like Ctrl-C (Tune's own SIGINT handler: stop the loop and the
+    trials, save the experiment state). Yields an event that is set when a signal arrived."""
+    import signal
+    import threading
+
+    signalled = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield signalled
+        return
+
+    def on_signal(signum, frame):
+        signalled.set()
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if callable(tune_handler) and tune_handler not in (on_signal, signal.default_int_handler):
+            tune_handler(signum, frame)  # Tune's graceful stop, installed while its loop runs
+        else:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield signalled
+        # Tune handles the first Ctrl-C itself (it never reaches on_signal) and then reinstalls the handler it
+        # found, ours: that is how a SIGINT that Tune absorbed shows.
+        tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        if tune_catches and signal.getsignal(signal.SIGINT) is on_signal:
+            signalled.set()
+    finally:
+        # Tune replaces our SIGINT handler while it runs; its handler may still be installed.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _unfinished_trials(grid) -> set[str]:
+    """Ids of the trials Tune neither finished nor failed (running or pending when the sweep was stopped)."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
 
 def _summarise(spec: SweepSpec, grid, base: RunConfig, *, exp_path: str, parent_run_id: str, uri: str,
@@ -543,11 +674,20 @@ def metric_agreement(frame, x: str = "val/label_free", y: str = "val/cluster_mIo
     return float(spearmanr(both[x], both[y]).statistic), len(both)
 
 
-def format_result(spec: SweepSpec, result: SweepResult) -> str:
-    """Human-readable end-of-sweep report: the trials table and the best configuration as overrides."""
-    lines = [f"sweep '{spec.name}': {result.num_trials} trials, {result.num_errors} failed; "
-             f"state in {result.experiment_path}; MLflow parent run {result.parent_run_id} "
-             f"(experiment '{result.experiment}' at {result.tracking_uri})"]
+def format_result(spec: SweepSpec, result: SweepResult, *, resume_command: Optional[str] = None) -> str:
+    """Human-readable end-of-sweep report: the trials table and the best configuration as overrides.
+
+    An interrupted sweep gets no best trial (nothing finished) but the command that resumes it."""
+    if result.interrupted:
+        command = resume_command or "dist-seg sweep SWEEP_FILE --resume"
+        lines = [f"sweep '{spec.name}' INTERRUPTED: {result.num_unfinished} of the {result.num_trials} trials "
+                 f"started did not finish (MLflow runs KILLED, tag sweep.interrupted=true); "
+                 f"state in {result.experiment_path}; MLflow parent run {result.parent_run_id} "
+                 f"(experiment '{result.experiment}' at {result.tracking_uri})"]
+    else:
+        lines = [f"sweep '{spec.name}': {result.num_trials} trials, {result.num_errors} failed; "
+                 f"state in {result.experiment_path}; MLflow parent run {result.parent_run_id} "
+                 f"(experiment '{result.experiment}' at {result.tracking_uri})"]
     # The trials' table is `dist-seg runs`' table of the sweep's MLflow runs, sorted by the sweep's metric.
     from dist_seg.tracking import RunsError, format_runs, search
 
@@ -565,7 +705,9 @@ def format_result(spec: SweepSpec, result: SweepResult) -> str:
             if agreement is not None:
                 lines.append(f"label-free vs labelled selection: Spearman rho(val/label_free, val/cluster_mIoU) = "
                              f"{agreement[0]:.3f} over {agreement[1]} trials")
-    if result.best_trial is None:
+    if result.interrupted:
+        lines.append(f"resume with: {command}")
+    elif result.best_trial is None:
         lines.append(f"no trial reported {spec.metric}; see the errors above and in MLflow (tag 'error')")
     else:
         lines.append(f"best trial {result.best_trial}: {spec.metric} = {result.best_metric:.4f}")
@@ -600,5 +742,8 @@ def run(args: argparse.Namespace) -> int:
     except (SweepError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_result(spec, result))
+    resume = " ".join(["dist-seg sweep", shlex.quote(args.sweep), *map(shlex.quote, args.overrides), "--resume"])
+    print(format_result(spec, result, resume_command=resume))
+    if result.interrupted:
+        return 130  # the shell's code for a run stopped by SIGINT
     return 0 if result.best_trial is not None else 1

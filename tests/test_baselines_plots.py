@@ -143,3 +143,29 @@ def test_overlay_grid_writes_expected_size(tmp_path, with_linear):
         assert (np.abs(flat.astype(int) - colour).sum(1) == 0).sum() > 50, f"palette colour {colour} missing"
     with pytest.raises(ValueError, match=r"\[N, H, W\]"):
         overlay_grid(images, gt[:, :-1], cluster, None, palette, tmp_path / "bad.png")
+
+
+def test_reports_title_the_confusion_matrix_name_classes_and_add_a_colour_legend(tmp_path, monkeypatch):
+    """save_reports: per-class IoU in percent under class names, a confusion figure titled with head, split and
+    step (cells: counts), overlays with a legend strip below the grid."""
+    from dist_seg.eval import evaluate as E
+    from dist_seg.eval import plots
+
+    confusion = np.array([[10, 0, 2], [0, 8, 0], [1, 0, 6]])
+    rng = np.random.default_rng(0)
+    result = {"split": "val", "cluster": cluster_scores(confusion), "linear": None, "label_free": None,
+              "cluster_confusion": torch.from_numpy(confusion),
+              "examples": {"image": list(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)),
+                           "label": list(rng.integers(0, 3, (2, 16, 16))),
+                           "cluster": list(rng.integers(0, 3, (2, 16, 16))), "linear": []}}
+    titles = []
+    real = plots.confusion_figure
+    monkeypatch.setattr(plots, "confusion_figure", lambda *a, **k: titles.append(k.get("title")) or real(*a, **k))
+    paths = E.save_reports(result, tmp_path, class_names=["sky", "road", "tree"], name="final", step=120)
+    assert titles and all(word in titles[0] for word in ("cluster head", "val split", "step 120")), titles
+    rows = paths["per_class_iou"].read_text().splitlines()
+    assert rows[0] == "class,cluster_IoU_percent" and rows[1].startswith("sky,")
+    assert float(rows[2].split(",")[1]) == pytest.approx(result["cluster"]["per_class_iou"][1]) == 100.0
+    grid = _png(paths["overlays"])
+    assert grid.shape[0] > 2 * 256, "the class-colour legend is drawn below the grid"
+    assert grid.shape[1] == 3 * 256

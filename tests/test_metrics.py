@@ -115,7 +115,8 @@ def test_extra_clusters_are_no_class_and_counted_wrong():
     scores = cluster_scores(confusion)
     assert scores["assignment"] == [0, 1, 2, -1, -1], f"wrong matching {scores['assignment']}"
     expected_iou = [10 / 12, 8 / 9, 6 / 10]
-    np.testing.assert_allclose(scores["per_class_iou"], expected_iou, err_msg="per-class IoU after matching")
+    np.testing.assert_allclose(scores["per_class_iou"], 100 * np.array(expected_iou),
+                               err_msg="per-class IoU after matching, in percent like mIoU")
     assert scores["no_class_iou"] == 0.0, "pixels in unmatched clusters give the 'no class' entry IoU 0"
     assert scores["mIoU"] == pytest.approx(100 * (sum(expected_iou) + 0.0) / 4), "STEGO averages K+1 entries"
     assert scores["Acc"] == pytest.approx(100 * 24 / 30), "unmatched-cluster pixels count as wrong"
@@ -127,7 +128,7 @@ def test_extra_clusters_are_no_class_and_counted_wrong():
     shifted = cluster_scores(np.array([[1, 0, 9], [0, 5, 0]]))
     assert shifted["assignment"] == [-1, 1, 0], f"cluster 2 should take class 0: {shifted['assignment']}"
     assert shifted["Acc"] == pytest.approx(100 * 14 / 15)
-    np.testing.assert_allclose(shifted["per_class_iou"], [9 / 10, 1.0])
+    np.testing.assert_allclose(shifted["per_class_iou"], [90.0, 100.0])
 
     # Extra clusters that stay empty add no "no class" entry.
     empty_extra = cluster_scores(np.array([[4, 0, 0], [0, 6, 0]]))
@@ -142,7 +143,7 @@ def test_absent_class_has_undefined_iou_excluded_from_miou():
 
     # Class 2 absent but its matched cluster predicted elsewhere: IoU is defined and 0 (STEGO too).
     scores = cluster_scores(np.array([[5, 0, 1], [0, 5, 0], [0, 0, 0]]))
-    np.testing.assert_allclose(scores["per_class_iou"], [5 / 6, 1.0, 0.0])
+    np.testing.assert_allclose(scores["per_class_iou"], [500 / 6, 100.0, 0.0])
     assert scores["mIoU"] == pytest.approx(100 * (5 / 6 + 1.0) / 3)
 
 
@@ -203,7 +204,7 @@ def test_cluster_scores_equal_stego_without_extra_clusters(seed, num_classes):
     ours, ref = cluster_scores(meter.confusion), oracle.compute()
     assert ours["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9), f"mIoU {ours['mIoU']} vs STEGO {ref['mIoU']}"
     assert ours["Acc"] == pytest.approx(ref["Acc"], abs=1e-9), f"Acc {ours['Acc']} vs STEGO {ref['Acc']}"
-    np.testing.assert_allclose(ours["per_class_iou"], ref["iou"], err_msg="per-class IoU vs STEGO")
+    np.testing.assert_allclose(ours["per_class_iou"], 100 * np.asarray(ref["iou"]), err_msg="per-class IoU vs STEGO")
 
     lin_oracle = StegoMetricsOracle(num_classes, 0, hungarian=False)
     lin_oracle.update(pred, target)
@@ -238,7 +239,8 @@ def test_cluster_scores_equal_stego_with_extra_clusters(seed, num_classes, extra
     assert (np.asarray(ours["assignment"]) < 0).sum() == extra, "exactly K'-K clusters stay unmatched"
     assert ours["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9), f"mIoU {ours['mIoU']} vs STEGO {ref['mIoU']}"
     assert ours["Acc"] == pytest.approx(ref["Acc"], abs=1e-9), f"Acc {ours['Acc']} vs STEGO {ref['Acc']}"
-    np.testing.assert_allclose(ours["per_class_iou"] + [ours["no_class_iou"]], ref["iou"], err_msg="IoU vs STEGO")
+    np.testing.assert_allclose(ours["per_class_iou"] + [ours["no_class_iou"]], 100 * np.asarray(ref["iou"]),
+                               err_msg="IoU vs STEGO")
     assert ours["matched_confusion"].sum() == meter.confusion.sum(), "matching must keep every pixel"
 
 

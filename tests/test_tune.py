@@ -325,8 +325,9 @@ def test_toy_sweep_tracks_every_trial_survives_a_failure_and_resumes(tmp_path, m
     assert cli.main(argv + ["--resume", "--retry-failed"]) == 0, capsys.readouterr().out
     _, children = _children(tmp_path, "toy_sweep")
     retried = children[children["params.data.root"] == "no_such_dataset"]
-    assert sorted(retried["status"]) == ["FAILED", "FINISHED"], retried[["status"]]
-    assert len(children) == 6, "only the failed trial may run again on resume"
+    assert list(retried["status"]) == ["FINISHED"], "the retried trial continues its own (failed) MLflow run"
+    assert "no dataset at" in retried.iloc[0]["tags.previous_error"] and pd_missing(retried.iloc[0].get("tags.error"))
+    assert len(children) == 5, "only the failed trial may run again on resume, in the same MLflow run"
 
 
 @pytest.mark.slow
@@ -373,6 +374,91 @@ def test_sweep_started_elsewhere_and_plain_runs_lists_its_trials(tmp_path, monke
     trials = [line for line in listing.splitlines() if line.startswith("└")]
     assert len(trials) == 2 and all("2/2" in t for t in trials), listing
     assert all(len(line) <= 120 for line in listing.splitlines())
+
+
+def pd_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+SIGINT_SWEEP = {
+    "name": "sig", "recipe": str(REPO / "recipes" / "stego_toy.py"), "metric": "val/cluster_mIoU", "mode": "max",
+    "search": "random", "seed": 0, "num_samples": 2, "max_concurrent_trials": 1, "max_failures": 0,
+    "scheduler": {"type": "none"}, "resources": {"cpu": 1, "gpu": 0}, "budget": {"max_steps": 12},
+    "overrides": ["train.val_every=4", "train.checkpoint_every=2", "train.log_every=2", "data.batch_size=8",
+                  "data.num_workers=0", "data.max_val_samples=8", "eval.num_overlays=0", "data.root=toy"],
+    "params": {"stego.lr": {"loguniform": [1.0e-4, 5.0e-3]}},
+    "storage_path": "ray", "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "sig"}, "verbose": 0,
+}
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_says_so_and_resumes_each_trial_in_its_own_run(tmp_path, toy_root, ray_cluster):
+    """Ctrl-C after the first checkpoint: non-zero exit, runs KILLED + sweep.interrupted, the resume command; one
+    trial at a time (max_concurrent_trials: 1). --resume: one MLflow run per trial, each with one history."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    shutil.copytree(toy_root, tmp_path / "toy")
+    (tmp_path / "sig.yaml").write_text(yaml.safe_dump(SIGINT_SWEEP))
+    command = [sys.executable, "-c", "import sys; from dist_seg.cli import main; sys.exit(main(sys.argv[1:]))",
+               "sweep", "sig.yaml", "--num-cpus", "2"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "ray" / "sig").glob("*/run/checkpoints/step-*.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, f"an interrupted sweep must exit non-zero ({proc.returncode}):\n{out}\n{err[-3000:]}"
+    assert "INTERRUPTED" in out and "resume with: dist-seg sweep sig.yaml --resume" in out, out
+    assert "best trial" not in out and "reproduce:" not in out, "nothing finished: no best trial"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sig").experiment_id
+
+    def runs():
+        found = client.search_runs([experiment])
+        parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1
+        return parents[0], [r for r in found if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+    parent, trials = runs()
+    assert parent.info.status == "KILLED" and parent.data.tags.get("sweep.interrupted") == "true"
+    assert len(trials) == 1, "max_concurrent_trials: 1 runs one trial at a time"
+    for run in trials:
+        assert run.info.status == "KILLED" and run.data.tags.get("sweep.interrupted") == "true", run.data.tags
+        assert "sweep.early_stopped" not in run.data.tags, "the scheduler (none) stopped nothing"
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, f"{resumed.stdout}\n{resumed.stderr[-3000:]}"
+    parent, trials = runs()
+    assert parent.info.status == "FINISHED" and "sweep.interrupted" not in parent.data.tags
+    assert len(trials) == 2 and len({r.info.run_name for r in trials}) == 2, "one MLflow run per trial"
+    for run in trials:
+        assert run.info.status == "FINISHED" and "sweep.interrupted" not in run.data.tags, run.data.tags
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(2, 13, 2)), f"{run.info.run_name}: one unbroken history, got {steps}"
+        val = [m.step for m in client.get_metric_history(run.info.run_id, "val/cluster_mIoU")]
+        assert val == [4, 8, 12], f"{run.info.run_name}: validations {val}"
+    assert sum(r.data.tags.get("resumes") == "1" for r in trials) == 1, "the interrupted trial continued its run"
+
+    from ray import tune
+
+    grid = tune.Tuner.restore(str(tmp_path / "ray" / "sig"), trainable=T.TRAINABLE_NAME).get_results()
+    assert all(r.checkpoint is not None for r in grid), "trials report their checkpoints to Tune"
+    with grid[0].checkpoint.as_directory() as folder:
+        assert [p.name for p in Path(folder).glob("step-*.pt")] == ["step-00000012.pt"]
+
+    listing = subprocess.run([sys.executable, "-c", "import sys; from dist_seg.cli import main; "
+                              "sys.exit(main(sys.argv[1:]))", "runs", "--uri", "sqlite:///mlflow.db",
+                              "--experiment", "sig"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    rows = [line for line in listing.stdout.splitlines() if line.startswith("└")]
+    assert len(rows) == 2 and len({row.split()[1] for row in rows}) == 2, listing.stdout
 
 
 def test_metric_agreement_is_a_rank_correlation():

@@ -180,6 +180,27 @@ def read_manifest(root: PathLike, *, dataset: Optional[str] = None) -> DatasetMa
         raise DataError(f"{path} is not a valid dataset manifest ({err}); re-run `dist-seg prepare`") from None
 
 
+def describe_dataset(root: PathLike) -> dict[str, Any]:
+    """What a run records about its dataset (MLflow dataset input): name, absolute root, manifest digest,
+    class count and the size of every split.
+
+    The digest is the sha256 of ``manifest.json``, which lists every shard and its size: two runs with the
+    same digest read the same prepared data.
+
+    Raises:
+        ManifestNotFoundError: the folder was never prepared.
+    """
+    import hashlib
+
+    manifest = read_manifest(root)
+    return {"name": manifest.name, "root": str(Path(root).resolve()),
+            "digest": hashlib.sha256(manifest_path(root).read_bytes()).hexdigest(),
+            "num_classes": manifest.num_classes, "class_names": manifest.class_names,
+            "splits": {name: {"num_samples": info.num_samples, "has_labels": info.has_labels, "crop": info.crop,
+                              "num_shards": len(info.shards)}
+                       for name, info in manifest.splits.items()}}
+
+
 def update_split(root: PathLike, split: str, info: SplitInfo, **dataset_fields: Any) -> DatasetManifest:
     """Record one written split in ``<root>/manifest.json``, creating the manifest if needed.
 

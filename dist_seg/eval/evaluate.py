@@ -223,8 +223,11 @@ def format_table(rows: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def save_reports(result: dict, out_dir: str | Path, *, class_names=None, colors=None, name="eval") -> dict[str, Path]:
-    """Write ``{name}.json`` (every number), a confusion-matrix figure and an overlay grid; return paths."""
+def save_reports(result: dict, out_dir: str | Path, *, class_names=None, colors=None, name="eval",
+                 step: Optional[int] = None, split: Optional[str] = None) -> dict[str, Path]:
+    """Write ``{name}.json`` (every number; IoU and accuracy in percent), ``{name}_per_class_iou.csv`` (IoU in
+    percent per class name and head), a confusion-matrix figure titled with its head, split and step, and an
+    overlay grid with a class-colour legend; return the paths."""
     from dist_seg.eval import plots
 
     out_dir = Path(out_dir)
@@ -248,16 +251,30 @@ def save_reports(result: dict, out_dir: str | Path, *, class_names=None, colors=
     paths["json"] = out_dir / f"{name}.json"
     paths["json"].write_text(json.dumps(clean(numbers), indent=2))
     k = result["cluster_confusion"].shape[0]
-    names = class_names or [str(i) for i in range(k)]
+    names = list(class_names or [str(i) for i in range(k)])
+    split = split or result.get("split") or "validation"
+    when = f"step {step}" if step is not None else (f"step {result['step']}" if result.get("step") is not None
+                                                    else name)
+    paths["per_class_iou"] = out_dir / f"{name}_per_class_iou.csv"
+    with paths["per_class_iou"].open("w") as f:
+        heads = [h for h in ("cluster", "linear") if result.get(h)]
+        f.write("class," + ",".join(f"{h}_IoU_percent" for h in heads) + "\n")
+        for i, class_name in enumerate(names):
+            f.write(f"{class_name}," + ",".join(f"{result[h]['per_class_iou'][i]:.2f}" for h in heads) + "\n")
     matched = result["cluster"].get("matched_confusion", result["cluster_confusion"][:, :k])
-    paths["confusion"] = plots.confusion_figure(np.asarray(clean(matched)), names, out_dir / f"{name}_confusion.png")
+    title = (f"cluster head (Hungarian-matched), {split} split, {when}\n"
+             f"mIoU {result['cluster']['mIoU']:.2f}%, Acc {result['cluster']['Acc']:.2f}%; cells: pixels")
+    paths["confusion"] = plots.confusion_figure(np.asarray(clean(matched)), names, out_dir / f"{name}_confusion.png",
+                                                title=title)
     ex = result["examples"]
     if ex["image"]:
         assignment = np.asarray(result["cluster"]["assignment"])
         cluster = [np.where(assignment[c] >= 0, assignment[c], -1) for c in ex["cluster"]]
         linear = np.stack(ex["linear"]) if ex["linear"] else None
+        palette = np.asarray(colors, dtype=np.uint8) if colors is not None else plots.default_palette(k)
         paths["overlays"] = plots.overlay_grid(np.stack(ex["image"]), np.stack(ex["label"]), np.stack(cluster), linear,
-                                               colors, out_dir / f"{name}_overlays.png")
+                                               palette, out_dir / f"{name}_overlays.png", class_names=names[:k],
+                                               title=f"{split} split, {when}")
     return paths
 
 
@@ -311,6 +328,7 @@ def validate_run(method: Method, cfg, info, *, device: torch.device, local_batch
     from dist_seg.data.shards import gather_damage
 
     result["damaged"] = gather_damage(loader.skip_counter)
+    result["split"] = cfg.data.val_split  # reports title their figures with it
     return result
 
 

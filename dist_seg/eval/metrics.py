@@ -136,8 +136,9 @@ def _scores(matched: np.ndarray, num_classes: int) -> dict[str, Any]:
     return {
         "mIoU": 100.0 * float(np.mean(defined)) if defined else math.nan,
         "Acc": 100.0 * float(tp.sum() / total) if total > 0 else math.nan,
-        "per_class_iou": [float(v) for v in iou],
-        "no_class_iou": no_class_iou,
+        # Percent, like mIoU and Acc: one unit per quantity everywhere (JSON reports, tables, MLflow).
+        "per_class_iou": [100.0 * float(v) for v in iou],
+        "no_class_iou": 100.0 * no_class_iou,
     }
 
 
@@ -188,7 +189,7 @@ def cluster_scores(confusion: Any) -> dict[str, Any]:
 
     Returns:
         A dict with ``"mIoU"`` and ``"Acc"`` in percent (0–100); ``"per_class_iou"``: ``K`` floats
-        in [0, 1], ``NaN`` where undefined; ``"no_class_iou"``: 0.0 when pixels fell in unmatched
+        in percent (0–100), ``NaN`` where undefined; ``"no_class_iou"``: 0.0 when pixels fell in unmatched
         clusters, else ``NaN`` (see the module docstring); ``"assignment"``: for each of the ``K'``
         clusters the class it is matched to, ``-1`` when unmatched; ``"matched_confusion"``: a
         ``[K, K]`` int64 array whose column ``j`` sums the cluster(s) matched to class ``j``, with

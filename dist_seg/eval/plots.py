@@ -83,8 +83,12 @@ def confusion_figure(
     normalize: bool = True,
     title: str | None = None,
     size_px: tuple[int, int] | None = None,
+    counts: bool = True,
 ) -> Path:
     """Save a heat map of a confusion matrix ``[true class, prediction]``.
+
+    The colour is each row's share in percent (recall per class) when ``normalize``; with ``counts`` every
+    cell also prints its pixel count (``12k``, ``3.4M``), so rare classes are not read from colour alone.
 
     Args:
         confusion: ``[K, K']`` counts (e.g. ``cluster_scores(...)["matched_confusion"]``).
@@ -93,8 +97,9 @@ def confusion_figure(
         pred_names: ``K'`` column names; defaults to ``class_names``, plus ``"no class"`` for one extra
             column, or cluster indices otherwise.
         normalize: divide each row by its total (recall per class); empty rows stay 0.
-        title: figure title.
+        title: figure title (say which head, split and step: :func:`dist_seg.eval.evaluate.save_reports` does).
         size_px: ``(width, height)`` of the PNG in pixels; by default it grows with the number of classes.
+        counts: write each cell's count in it.
 
     Returns:
         The written path.
@@ -112,23 +117,34 @@ def confusion_figure(
             pred_names = [str(j) for j in range(cols)]
     if len(pred_names) != cols:
         raise ValueError(f"{len(pred_names)} prediction names for a confusion matrix with {cols} columns")
+    raw = matrix.copy()
     if normalize:
         totals = matrix.sum(axis=1, keepdims=True)
-        matrix = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+        matrix = 100.0 * np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
 
     if size_px is None:
         side = max(400, 32 * max(rows, cols) + 250)
         size_px = (side + 150, side)
     fig, ax = plt.subplots(figsize=(size_px[0] / _DPI, size_px[1] / _DPI), dpi=_DPI)
     try:
-        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0 if normalize else None, aspect="equal")
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=100.0 if normalize else None, aspect="equal")
         ax.set_xticks(range(cols), labels=pred_names, rotation=90, fontsize=7)
         ax.set_yticks(range(rows), labels=list(class_names), fontsize=7)
         ax.set_xlabel("prediction")
         ax.set_ylabel("ground truth")
+        if counts:
+            # Small enough to fit a 32-px cell of a 27-class matrix; dark text on the bright end of viridis.
+            size = 7 if max(rows, cols) <= 12 else 4
+            top = matrix.max() if matrix.size else 0.0
+            for i in range(rows):
+                for j in range(cols):
+                    if raw[i, j]:
+                        ax.text(j, i, _count(raw[i, j]), ha="center", va="center", fontsize=size,
+                                color="black" if matrix[i, j] > 0.6 * top else "white")
         if title:
-            ax.set_title(title)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_title(title, fontsize=9)
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label("% of the true class's pixels (row)" if normalize else "pixels")
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +152,15 @@ def confusion_figure(
     finally:
         plt.close(fig)
     return path
+
+
+def _count(value: float) -> str:
+    """A pixel count in at most four characters: ``87``, ``12k``, ``3.4M``."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            scaled = value / limit
+            return f"{scaled:.1f}{suffix}" if scaled < 10 else f"{scaled:.0f}{suffix}"
+    return f"{value:.0f}"
 
 
 def overlay_grid(
@@ -148,6 +173,8 @@ def overlay_grid(
     *,
     titles: Sequence[str] | None = None,
     cell_px: int = 256,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Save a grid with one row per image: image | ground truth | cluster prediction | linear prediction.
 
@@ -164,7 +191,10 @@ def overlay_grid(
         path: output PNG path (parent folders are created).
         titles: column titles; default ``("image", "ground truth", "cluster", "linear")``.
         cell_px: side of each square cell in pixels; the PNG is ``columns * cell_px`` wide and
-            ``N * cell_px`` high.
+            ``N * cell_px`` high (plus a legend strip with ``class_names``).
+        class_names: names of the classes: adds a legend of the class colours below the grid (black: ignored
+            pixels and clusters matched to no class).
+        title: a title above the legend (e.g. the split and step).
 
     Returns:
         The written path.
@@ -188,16 +218,32 @@ def overlay_grid(
         raise ValueError(f"{len(titles)} titles for {num_cols} columns")
 
     num_rows = images_np.shape[0]
+    legend_px = 0
+    if class_names is not None:
+        per_line = max(1, (num_cols * cell_px) // 110)
+        legend_px = 24 * (-(-(len(class_names) + 1) // per_line)) + (22 if title else 8)
+    height = num_rows * cell_px + legend_px
     fig, axes = plt.subplots(
         num_rows,
         num_cols,
-        figsize=(num_cols * cell_px / _DPI, num_rows * cell_px / _DPI),
+        figsize=(num_cols * cell_px / _DPI, height / _DPI),
         dpi=_DPI,
         squeeze=False,
     )
     try:
-        # Fixed margins (no tight bbox) keep the PNG exactly columns*cell_px by rows*cell_px.
-        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1.0 - 0.12 / num_rows, wspace=0.04, hspace=0.12)
+        # Fixed margins (no tight bbox) keep the PNG exactly columns*cell_px by rows*cell_px (+ the legend).
+        bottom = (legend_px + 0.01 * num_rows * cell_px) / height
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=bottom, top=1.0 - 0.12 * cell_px / height, wspace=0.04,
+                            hspace=0.12)
+        if class_names is not None:
+            from matplotlib.patches import Patch
+
+            palette = _to_numpy(colors).astype(np.float64) / 255.0
+            handles = [Patch(facecolor=palette[i], edgecolor="grey", label=str(name))
+                       for i, name in enumerate(class_names) if i < len(palette)]
+            handles.append(Patch(facecolor="black", edgecolor="grey", label="ignored / no class"))
+            fig.legend(handles=handles, loc="lower center", ncol=max(1, (num_cols * cell_px) // 110), fontsize=7,
+                       frameon=False, title=title, title_fontsize=8, bbox_to_anchor=(0.5, 0.0))
         for row in range(num_rows):
             cells = [images_np[row]] + [colorize(panel[row], colors) for panel in panels]
             for col, cell in enumerate(cells):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from dist_seg.config import flatten
 from dist_seg.sweeps.spec import TRAINABLE_NAME, TrialContext, _resolve_trial_config
 
 log = logging.getLogger("dist_seg.tune")
@@ -58,8 +57,10 @@ def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides:
                   error: Optional[BaseException] = None, error_text: Optional[str] = None,
                   stopped_at: Optional[int] = None) -> Optional[str]:
     """Tag the trial's MLflow run; on failure mark it FAILED with its error (creating it if training never
-    got as far as starting its run); a trial stopped by the scheduler becomes KILLED with the tag
-    ``sweep.early_stopped``. Never raises: tracking trouble must not hide the trial's own error."""
+    got as far as starting its run, and recording that run in the trial's folder so that a retry continues
+    it); a trial that Tune stopped (``stopped_at``) becomes KILLED with ``sweep.stopped_at_step`` (why it
+    stopped, the driver tags in :func:`reconcile_runs`). Never raises: tracking trouble must not hide the
+    trial's own error."""
     try:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -73,6 +74,7 @@ def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides:
             run = client.create_run(experiment_id, run_name=run_name,
                                     tags={MLFLOW_PARENT_RUN_ID: ctx.parent_run_id})
             _log_trial_params(client, run.info.run_id, ctx, overrides)
+            _remember_run(overrides, run.info.run_id, experiment_id, ctx.tracking_uri)
         run_id = run.info.run_id
         client.set_tag(run_id, "sweep.trial_id", trial_id)
         client.set_tag(run_id, "sweep.name", ctx.sweep_name)
@@ -84,7 +86,6 @@ def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides:
                 client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
             client.set_terminated(run_id, status="FAILED")
         elif stopped_at is not None:
-            client.set_tag(run_id, "sweep.early_stopped", "true")
             client.set_tag(run_id, "sweep.stopped_at_step", str(stopped_at))
             client.set_terminated(run_id, status="KILLED")
         return run_id
@@ -93,12 +94,28 @@ def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides:
         return None
 
 
+def _remember_run(overrides: Sequence[str], run_id: str, experiment_id: str, uri: str) -> None:
+    """Write ``mlflow_run.json`` into the trial's output folder, as the trainer's Tracker does."""
+    import json
+
+    from dist_seg.tracking import RUN_ID_FILE
+
+    output_dir = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("train.output_dir=")), None)
+    if output_dir:
+        path = Path(yaml.safe_load(output_dir)) / RUN_ID_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}))
+
+
 def _log_trial_params(client, run_id: str, ctx: TrialContext, overrides: Sequence[str]) -> None:
-    """Log a trial's parameters like the trainer does (its full flattened config) on a run it never started."""
+    """Log a trial's parameters like the trainer does (:func:`dist_seg.tracking.run_params`) on a run it never
+    started."""
     from mlflow.entities import Param
 
+    from dist_seg.tracking import run_params
+
     try:
-        params = flatten(_resolve_trial_config(ctx, overrides))
+        params = run_params(_resolve_trial_config(ctx, overrides))
     except Exception:  # noqa: BLE001 - the config itself may be what failed: log the raw overrides
         params = {}
         for item in overrides:
@@ -110,12 +127,15 @@ def _log_trial_params(client, run_id: str, ctx: TrialContext, overrides: Sequenc
     client.log_batch(run_id, params=[Param(k, str("None" if v is None else v)[:6000]) for k, v in params.items()])
 
 
-def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int) -> None:
+def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int, unfinished: Collection[str] = (),
+                   scheduler: str = "asha") -> None:
     """Bring every trial's MLflow run in line with Tune's outcome once the sweep has stopped.
 
-    A trial that a scheduler (or the time budget) stopped is interrupted inside training, possibly while
-    it was still writing to MLflow, so its run is settled here: KILLED with ``sweep.early_stopped=true``
-    and the last reported step. Trials that errored keep FAILED (with an ``error`` tag).
+    A trial that Tune stopped before its last step is interrupted inside training, possibly while it was
+    still writing to MLflow, so its run is settled here: KILLED with the last reported step, and
+    ``sweep.early_stopped=true`` when the scheduler stopped it (``sweep.stopped_by=time_budget`` when
+    ``scheduler`` is ``none``: only the time budget can have). Trials in ``unfinished`` (an interrupted sweep)
+    are left to :func:`mark_interrupted`. Trials that errored keep FAILED (with an ``error`` tag).
     """
     client = _client(ctx.tracking_uri)
     exp = client.get_experiment_by_name(ctx.experiment)
@@ -124,7 +144,9 @@ def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int) -> None:
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id")
-        if trial_id is None:  # never reported: the trial (or the error callback) recorded it already
+        if trial_id is None or trial_id in unfinished:  # never reported (recorded already), or interrupted
+            continue
+        if "step" not in metrics and result.error is None:  # Tune's bookkeeping only: nothing to settle by
             continue
         run = _find_trial_run(client, exp.experiment_id, ctx.parent_run_id, f"{TRAINABLE_NAME}_{trial_id}")
         if run is None:
@@ -135,9 +157,39 @@ def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int) -> None:
                 client.set_tag(run_id, "error", f"{type(result.error).__name__}: {result.error}"[:4900])
             if run.info.status != "FAILED":
                 client.set_terminated(run_id, status="FAILED")
-        elif int(metrics.get("step", num_steps)) < num_steps:
-            client.set_tag(run_id, "sweep.early_stopped", "true")
+        elif int(metrics["step"]) < num_steps:
+            if "sweep.interrupted" in run.data.tags:  # stopped before an interruption, settled on resume
+                client.delete_tag(run_id, "sweep.interrupted")
+            if scheduler == "none":
+                client.set_tag(run_id, "sweep.stopped_by", "time_budget")
+            else:
+                client.set_tag(run_id, "sweep.early_stopped", "true")
             client.set_tag(run_id, "sweep.stopped_at_step", str(int(metrics["step"])))
             client.set_terminated(run_id, status="KILLED")
         elif run.info.status != "FINISHED":
             client.set_terminated(run_id, status="FINISHED")
+
+
+def mark_interrupted(ctx: TrialContext) -> list[str]:
+    """After Ctrl-C / SIGTERM: every trial run of the sweep that had not finished (RUNNING, or KILLED by the
+    stop itself) becomes KILLED with ``sweep.interrupted=true``; ``dist-seg sweep --resume`` continues each in
+    the same MLflow run. Returns the ids of the runs it marked."""
+    client = _client(ctx.tracking_uri)
+    exp = client.get_experiment_by_name(ctx.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}'",
+                              max_results=10000)
+    marked = []
+    for run in runs:
+        tags, status = run.data.tags, run.info.status
+        if status == "FAILED" or {"sweep.early_stopped", "sweep.stopped_by"} & set(tags):
+            continue
+        planned = int(run.data.params.get("train.num_steps", 0) or 0)
+        done = max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")), default=-1)
+        # RUNNING (its process was stopped with the sweep), KILLED by the stop itself, or ended short of its steps
+        if status in ("RUNNING", "KILLED") or done < planned:
+            client.set_tag(run.info.run_id, "sweep.interrupted", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+    return marked

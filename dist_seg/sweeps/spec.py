@@ -449,6 +449,7 @@ class TrialContext:
     trial_workers: int = 1
     resources: dict = field(default_factory=dict)
     cwd: Optional[str] = None
+    recipe: str = ""
 
 
 def trial_overrides(ctx: TrialContext, config: Mapping[str, Any], *, output_dir: str, run_name: str) -> list[str]:
@@ -459,7 +460,8 @@ def trial_overrides(ctx: TrialContext, config: Mapping[str, Any], *, output_dir:
             "tracking.enabled=true",
             f"tracking.uri={_fmt(ctx.tracking_uri)}",
             f"tracking.experiment={_fmt(ctx.experiment)}",
-            f"tracking.run_name={_fmt(run_name)}"]
+            f"tracking.run_name={_fmt(run_name)}",
+            "tracking.register_model=null"]  # a sweep registers no model version per trial
 
 
 def _resolve_trial_config(ctx: TrialContext, overrides: Sequence[str]) -> RunConfig:
