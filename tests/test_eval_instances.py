@@ -156,3 +156,53 @@ def test_rle_counts_as_str_or_bytes(counts_type):
         d["segmentation"]["counts"] = counts_type(d["segmentation"]["counts"], "ascii") if counts_type is bytes \
             else d["segmentation"]["counts"]
     assert coco_ap(gt, dets, use_cats=False)["AP50"] == 100.0
+
+
+# ------------------------------------------------------------------------------------------ stage / CLI
+def test_eval_instances_command_scores_every_product_and_tracks_it(tmp_path, capsys):
+    """``dist-seg eval-instances``: each miner's masks and the candidates of a toy_objects split, from files."""
+    import mlflow
+
+    from dist_seg.cli import main
+    from dist_seg.data.instances import read_instances
+    from dist_seg.data.toy_objects import generate_toy_objects
+
+    root, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "run"
+    generate_toy_objects(root, num_classes=2, num_train=6, num_val=2, size=48)
+    gt = read_instances(root, "train")
+    anns = gt["annotations"]
+    # MaskDistill's masks: every object, named (clusters swap the classes); dino's: unnamed, first object only.
+    named = [{**a, "cluster": 2 - a["category_id"], "category_id": 3 - a["category_id"]} for a in anns]
+    work.mkdir()
+    (work / "masks_train.json").write_text(json.dumps({"info": {"name": {"num_clusters": 2}}, "annotations": named}))
+    first = {}
+    for a in anns:
+        first.setdefault(a["image_id"], {**a, "category_id": 1})
+    (work / "masks_dino_train.json").write_text(json.dumps({"info": {}, "annotations": list(first.values())}))
+    cands = [{"image_id": a["image_id"], "category_id": 3 - a["category_id"], "score": 0.5,
+              "segmentation": a["segmentation"]} for a in anns]
+    (work / "candidates_train.json").write_text(json.dumps({"info": {}, "candidates": cands}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.root={root}", f"maskdistill.work_dir={work}", f"train.output_dir={out}",
+                 f"tracking.uri={uri}", "tracking.run_name=t"]
+    assert main(["eval-instances", "maskdistill_toy", *overrides]) == 0
+    text = capsys.readouterr().out
+    assert "| masks (maskdistill) | " in text and "| masks (dino) |" in text and "Mask R-CNN candidates" in text
+    rows = {r["product"]: r for r in json.loads((out / "maskdistill_instances.json").read_text())["instances"]}
+    assert set(rows) == {"masks (maskdistill)", "masks (dino)", "Mask R-CNN candidates (†)"}
+    for product in ("masks (maskdistill)", "Mask R-CNN candidates (†)"):
+        assert all(rows[product][s]["AP50"] == 100.0 for s in ("agnostic_multi", "semantic_single", "semantic_multi"))
+    dino = rows["masks (dino)"]
+    assert dino["semantic_multi"] is None and dino["semantic_single"] is None, "unnamed masks: class-agnostic only"
+    assert dino["agnostic_multi"] == coco_ap(gt, [{**a, "score": 1.0} for a in first.values()], use_cats=False)
+    assert len(first) < len(anns) and dino["agnostic_multi"]["AP50"] < 100.0, "dino missed the other objects"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert runs["metrics.instances/masks_maskdistill/agnostic_multi/AP50"].tolist() == [100.0]
+    assert runs["metrics.instances/masks_dino/agnostic_multi/AP"].tolist() == [dino["agnostic_multi"]["AP"]]
+    # A split without instance ground truth, and a work dir without masks, are one-line errors.
+    assert main(["eval-instances", "maskdistill_toy", *overrides, "--split", "nope"]) == 2
+    assert "no instance ground truth for split 'nope'" in capsys.readouterr().err
+    assert main(["eval-instances", "maskdistill_toy", *overrides[:1], f"maskdistill.work_dir={tmp_path / 'empty'}",
+                 *overrides[2:], "tracking.enabled=false"]) == 2
+    assert "dist-seg masks RECIPE --split train" in capsys.readouterr().err
