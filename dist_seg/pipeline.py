@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -414,25 +414,58 @@ def instance_products(cfg: RunConfig, split: str) -> list[tuple[str, Path, list[
     return out
 
 
-def score_instances(cfg: RunConfig, split: str) -> Optional[list[dict]]:
+def _merge_splits(docs: list[dict], products: list[list[tuple]]) -> tuple[dict, list[tuple]]:
+    """One evaluation over several splits: image ids offset split by split (ground truth and predictions alike)."""
+    gt: dict[str, Any] = {"images": [], "annotations": [], "categories": docs[0]["categories"]}
+    offsets, offset = [], 0
+    for doc in docs:
+        offsets.append(offset)
+        gt["images"] += [{**im, "id": int(im["id"]) + offset} for im in doc["images"]]
+        gt["annotations"] += [{**a, "id": len(gt["annotations"]) + i + 1, "image_id": int(a["image_id"]) + offset}
+                              for i, a in enumerate(doc["annotations"])]
+        offset += 1 + max([int(im["id"]) for im in doc["images"]] + [-1])
+    merged = []
+    names = [[p[0] for p in split_products] for split_products in products]
+    for name in names[0]:
+        if not all(name in n for n in names):
+            log.warning("%s is missing for some of the splits: not scored over all of them", name)
+            continue
+        found = [next(p for p in split_products if p[0] == name) for split_products in products]
+        dets = [{**d, "image_id": int(d["image_id"]) + off} for off, (_, _, ds, _) in zip(offsets, found) for d in ds]
+        merged.append((name, ", ".join(str(p[1]) for p in found), dets, all(p[3] for p in found)))
+    return gt, merged
+
+
+def score_instances(cfg: RunConfig, split: str | Sequence[str]) -> Optional[list[dict]]:
     """Table 3's mask AP (``dist_seg.eval.instances``) of every object-mask set of ``split`` in the work dir.
+
+    Several splits are scored as one set of images (e.g. VOC's object segmentation set, whose 2,913 images
+    are the 1,464 of ``trainaug`` and the 1,449 of ``val`` that have instances); a product is scored only if
+    every split has it.
 
     Returns:
         One row per product (``product``, ``file``, ``split`` and :func:`~dist_seg.eval.instances.
-        evaluate_instances`' settings and counts); None when the dataset has no instance ground truth for
-        ``split`` (``instances_<split>.json``).
+        evaluate_instances`' settings and counts); None when the dataset has no instance ground truth for a
+        split (``instances_<split>.json``).
     """
     from dist_seg.data.instances import read_instances
     from dist_seg.eval.instances import evaluate_instances
 
-    gt = read_instances(cfg.data.root, split)
-    if gt is None:
-        log.info("%s has no instance ground truth for %s: no mask AP", cfg.data.root, split)
+    splits = [split] if isinstance(split, str) else list(split)
+    docs = [read_instances(cfg.data.root, s) for s in splits]
+    if any(doc is None for doc in docs):
+        log.info("%s has no instance ground truth for %s: no mask AP", cfg.data.root,
+                 ", ".join(s for s, doc in zip(splits, docs) if doc is None))
         return None
+    products = [instance_products(cfg, s) for s in splits]
+    if len(splits) == 1:
+        gt, merged = docs[0], [(name, str(path), dets, sem) for name, path, dets, sem in products[0]]
+    else:
+        gt, merged = _merge_splits(docs, products)
     rows = []
-    for product, path, dets, semantic in instance_products(cfg, split):
-        log.info("mask AP of %s (%s, %d predictions)", product, path.name, len(dets))
-        rows.append({"product": product, "file": str(path), "split": split,
+    for product, files, dets, semantic in merged:
+        log.info("mask AP of %s (%s, %d predictions)", product, files, len(dets))
+        rows.append({"product": product, "file": files, "split": "+".join(splits),
                      **evaluate_instances(gt, dets, semantic=semantic)})
     return rows
 
@@ -461,27 +494,29 @@ def _track(cfg: RunConfig, name: str, result: dict) -> None:
         tracker.end()
 
 
-def instances_stage(cfg: RunConfig, *, split: Optional[str] = None, accelerator=None) -> Path:
-    """``dist-seg eval-instances``: Table 3 for every object-mask set of ``split`` (default ``data.train_split``).
+def instances_stage(cfg: RunConfig, *, split: Optional[str | Sequence[str]] = None, accelerator=None) -> Path:
+    """``dist-seg eval-instances``: Table 3 for every object-mask set of ``split`` (default ``data.train_split``;
+    several splits are scored as one set, see :func:`score_instances`).
 
-    Writes ``<train.output_dir>/maskdistill_instances.json`` (``_<split>`` before ``.json`` for another split),
-    logs it to MLflow (run ``<run_name>-instances``) and prints the table; the main process scores, the
-    others wait.
+    Writes ``<train.output_dir>/maskdistill_instances.json`` (``_<split>[+<split>]`` before ``.json`` for other
+    splits), logs it to MLflow (run ``<run_name>-instances``) and prints the table; the main process scores,
+    the others wait.
     """
-    from dist_seg.maskdistill.files import MaskDistillFileError, write_json_atomic
+    from dist_seg.maskdistill.files import MaskDistillFileError, work_dir, write_json_atomic
 
-    split = split or cfg.data.train_split
-    rows = _on_main(lambda: score_instances(cfg, split))
+    splits = [split] if isinstance(split, str) else list(split or [cfg.data.train_split])
+    label = "+".join(splits)
+    rows = _on_main(lambda: score_instances(cfg, splits))
     if rows is None:
-        raise MaskDistillFileError(f"{cfg.data.root} has no instance ground truth for split {split!r} "
-                                   f"(instances_{split}.json): prepare a dataset that has it (voc12, coco20k, "
+        raise MaskDistillFileError(f"{cfg.data.root} has no instance ground truth for split {label!r} "
+                                   f"(instances_<split>.json): prepare a dataset that has it (voc12, coco20k, "
                                    f"toy_objects) or pass --split")
     if not rows:
-        raise MaskDistillFileError(f"no object masks of split {split!r} in {cfg.maskdistill.work_dir or 'the work dir'}"
-                                   f": create them with `dist-seg masks RECIPE --split {split}` (and `dist-seg name`)")
-    name = INSTANCES_NAME if split == cfg.data.train_split else INSTANCES_NAME.replace(".json", f"_{split}.json")
+        raise MaskDistillFileError(f"no object masks of split {label!r} in {work_dir(cfg)}: create them with "
+                                   f"`dist-seg masks RECIPE --split {splits[0]}` (and `dist-seg name`)")
+    name = INSTANCES_NAME if splits == [cfg.data.train_split] else INSTANCES_NAME.replace(".json", f"_{label}.json")
     path = Path(cfg.train.output_dir) / name
-    result = {"dataset": cfg.data.root, "split": split, "instances": rows}
+    result = {"dataset": cfg.data.root, "split": label, "instances": rows}
     if D.is_main_process():
         write_json_atomic(result, path)
         _track(cfg, "instances", result)
@@ -649,8 +684,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     add_recipe_arguments(parser)
     if parser.prog.endswith("eval-instances"):  # the one command here that scores a chosen split
-        parser.add_argument("--split", default=None,
-                            help="split whose masks/candidates are scored (default: data.train_split)")
+        parser.add_argument("--split", action="append", default=None,
+                            help="split whose masks/candidates are scored (default: data.train_split); repeat it "
+                                 "to score several splits as one set (voc12: --split trainaug --split val)")
 
 
 def run(args: argparse.Namespace) -> int:

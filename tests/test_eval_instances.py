@@ -206,3 +206,33 @@ def test_eval_instances_command_scores_every_product_and_tracks_it(tmp_path, cap
     assert main(["eval-instances", "maskdistill_toy", *overrides[:1], f"maskdistill.work_dir={tmp_path / 'empty'}",
                  *overrides[2:], "tracking.enabled=false"]) == 2
     assert "dist-seg masks RECIPE --split train" in capsys.readouterr().err
+
+
+def test_several_splits_are_scored_as_one_set(tmp_path):
+    """VOC's object set spans trainaug and val: ``--split trainaug --split val`` scores their union."""
+    from dist_seg.config import RunConfig, merge
+    from dist_seg.data.instances import read_instances
+    from dist_seg.data.toy_objects import generate_toy_objects
+    from dist_seg.pipeline import instances_stage
+
+    root, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "run"
+    generate_toy_objects(root, num_classes=2, num_train=4, num_val=3, size=48)
+    work.mkdir()
+    gts = {s: read_instances(root, s) for s in ("train", "val")}
+    dets = {"train": [{**a, "score": 1.0} for a in gts["train"]["annotations"]],  # perfect
+            "val": [{**a, "score": 1.0} for a in gts["val"]["annotations"] if a["id"] % 2]}  # half missing
+    for split in ("train", "val"):
+        (work / f"candidates_{split}.json").write_text(json.dumps({"info": {}, "candidates": dets[split]}))
+    cfg = merge(RunConfig(), overrides=[f"data.root={root}", f"maskdistill.work_dir={work}", f"train.output_dir={out}",
+                                        "tracking.enabled=false"])
+    path = instances_stage(cfg, split=["train", "val"])
+    assert path.name == "maskdistill_instances_train+val.json"
+    (row,) = json.loads(path.read_text())["instances"]
+    union = {"images": gts["train"]["images"] + [{**im, "id": im["id"] + 1000} for im in gts["val"]["images"]],
+             "annotations": gts["train"]["annotations"] + [{**a, "id": a["id"] + 1000, "image_id": a["image_id"] + 1000}
+                                                           for a in gts["val"]["annotations"]],
+             "categories": gts["train"]["categories"]}
+    union_dets = dets["train"] + [{**d, "image_id": d["image_id"] + 1000} for d in dets["val"]]
+    assert row["num_images"] == 7 and row["num_objects"] == len(union["annotations"]) and row["split"] == "train+val"
+    assert row["agnostic_multi"] == coco_ap(union, union_dets, use_cats=False)
+    assert 0 < row["agnostic_multi"]["AP50"] < 100
