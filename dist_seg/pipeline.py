@@ -307,7 +307,9 @@ def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path]
     Rows: the initial masks + K-means and the Mask R-CNN pseudo-labels on the training split (the only
     images they exist for), an all-background prediction as the floor, and the student on the training
     and validation splits (clustering: Hungarian over all K+1 classes incl. background; linear: the
-    linear-protocol model, no matching).
+    linear-protocol model, no matching). Where the dataset has instance ground truth for the training
+    split, ``instances`` holds paper 003's Table 3 rows (:func:`score_instances`) of every object-mask set
+    in the work dir; the whole result is also logged to MLflow (run ``<run_name>-eval``).
     """
     import numpy as np
 
