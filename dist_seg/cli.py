@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("dist_seg.pipeline", "MaskDistill: train Mask R-CNN on the named masks, predict candidates"),
     "pseudo": ("dist_seg.maskdistill.pseudo", "MaskDistill: confident Mask R-CNN candidates -> pseudo-label shards"),
     "maskdistill": ("dist_seg.pipeline", "MaskDistill: every stage of a recipe in order (masks ... distil, eval)"),
+    "eval-instances": ("dist_seg.pipeline", "MaskDistill: mask AP of the mined masks and candidates (paper Table 3)"),
     "demo": ("dist_seg.demo", "toy data -> train -> evaluate, end to end on this machine"),
     "convert-checkpoint": ("dist_seg.checkpoints", "re-save a checkpoint so that it loads without running code"),
 }

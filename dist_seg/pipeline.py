@@ -9,7 +9,12 @@ the final checkpoint with the same settings.
 ``dist-seg maskdistill RECIPE [k=v ...]`` (:func:`maskdistill_stage`) runs every stage of a recipe in
 order, skipping those whose outputs are present and valid: prepare (toy_objects only) → masks → name →
 detect → pseudo → distil (the student, plus optional CRF rounds; :func:`distil_stage`) → linear protocol
-(:func:`linear_stage`) → eval (:func:`eval_stage`, SPEC §8.6).
+(:func:`linear_stage`) → eval (:func:`eval_stage`, SPEC §8.6, and paper 003's Table 3 mask AP where the
+dataset has instance ground truth).
+
+``dist-seg eval-instances RECIPE [k=v ...] [--split S]`` (:func:`instances_stage`) scores every object-mask
+set of a split present in the work dir (each miner's masks, the Mask R-CNN candidates) with mask AP in
+Table 3's three settings (:mod:`dist_seg.eval.instances`).
 
 Every command here shares one parser (recipe, ``--config``, overrides); :data:`STAGES` maps the command
 name to its stage function.
@@ -24,7 +29,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -302,7 +307,9 @@ def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path]
     Rows: the initial masks + K-means and the Mask R-CNN pseudo-labels on the training split (the only
     images they exist for), an all-background prediction as the floor, and the student on the training
     and validation splits (clustering: Hungarian over all K+1 classes incl. background; linear: the
-    linear-protocol model, no matching).
+    linear-protocol model, no matching). Where the dataset has instance ground truth for the training
+    split, ``instances`` holds paper 003's Table 3 rows (:func:`score_instances`) of every object-mask set
+    in the work dir; the whole result is also logged to MLflow (run ``<run_name>-eval``).
     """
     import numpy as np
 
@@ -357,12 +364,186 @@ def eval_stage(cfg: RunConfig, student: str | Path, linear: Optional[str | Path]
                   "cluster_mIoU": _round(r["cluster"]["mIoU"]), "cluster_Acc": _round(r["cluster"]["Acc"]),
                   "linear_mIoU": _round(r["linear"]["mIoU"]) if r["linear"] else None,
                   "linear_Acc": _round(r["linear"]["Acc"]) if r["linear"] else None} for r in rows],
+        # Table 3 (mask AP of the object masks and candidates) where the dataset has instance ground truth.
+        "instances": _on_main(lambda: score_instances(cfg, train_split)),
     }
     if D.is_main_process():
         from dist_seg.maskdistill.files import write_json_atomic
 
         write_json_atomic(result, Path(cfg.train.output_dir) / RESULTS_NAME)
+        _track(cfg, "eval", result)
     return result
+
+
+# ================================================================================ MaskDistill: Table 3
+INSTANCES_NAME = "maskdistill_instances.json"
+CANDIDATES_PRODUCT = "Mask R-CNN candidates (†)"
+
+
+def _product_key(product: str) -> str:
+    """An MLflow-safe short name of a product row: ``masks (dino)`` -> ``masks_dino``, candidates -> ``candidates``."""
+    if product == CANDIDATES_PRODUCT:
+        return "candidates"
+    return product.replace(" (", "_").replace(")", "").replace(" ", "_")
+
+
+def instance_products(cfg: RunConfig, split: str) -> list[tuple[str, Path, list[dict], bool]]:
+    """The object-mask sets of ``split`` present in ``maskdistill.work_dir``, as COCO results.
+
+    Every miner's masks file (``masks[_<method>]_<split>.json``; score 1, one mask per image; ``category_id``
+    = cluster + 1 once named) and the Mask R-CNN candidates (``candidates_<split>.json``).
+
+    Returns:
+        ``[(product, path, detections, semantic)]``; ``semantic`` is False for masks not yet named.
+    """
+    from dist_seg.maskdistill.detect import read_candidates
+    from dist_seg.maskdistill.files import candidates_path, masks_path, read_json
+    from dist_seg.maskdistill.mining import MASKS_COMMAND, MINERS
+
+    out = []
+    for method in MINERS:
+        path = masks_path(cfg, split, method)
+        if not path.is_file():
+            continue
+        data = read_json(path, what="mined object masks", made_by=MASKS_COMMAND)
+        named = bool((data.get("info") or {}).get("name"))
+        dets = [{"image_id": a["image_id"], "category_id": a["category_id"] if named else 1, "score": 1.0,
+                 "segmentation": a["segmentation"]} for a in data.get("annotations", [])]
+        out.append((f"masks ({method})", path, dets, named))
+    path = candidates_path(cfg, split)
+    if path.is_file():
+        out.append((CANDIDATES_PRODUCT, path, read_candidates(path)[1], True))
+    return out
+
+
+def _merge_splits(docs: list[dict], products: list[list[tuple]]) -> tuple[dict, list[tuple]]:
+    """One evaluation over several splits: image ids offset split by split (ground truth and predictions alike)."""
+    gt: dict[str, Any] = {"images": [], "annotations": [], "categories": docs[0]["categories"]}
+    offsets, offset = [], 0
+    for doc in docs:
+        offsets.append(offset)
+        gt["images"] += [{**im, "id": int(im["id"]) + offset} for im in doc["images"]]
+        gt["annotations"] += [{**a, "id": len(gt["annotations"]) + i + 1, "image_id": int(a["image_id"]) + offset}
+                              for i, a in enumerate(doc["annotations"])]
+        offset += 1 + max([int(im["id"]) for im in doc["images"]] + [-1])
+    merged = []
+    names = [[p[0] for p in split_products] for split_products in products]
+    for name in names[0]:
+        if not all(name in n for n in names):
+            log.warning("%s is missing for some of the splits: not scored over all of them", name)
+            continue
+        found = [next(p for p in split_products if p[0] == name) for split_products in products]
+        dets = [{**d, "image_id": int(d["image_id"]) + off} for off, (_, _, ds, _) in zip(offsets, found) for d in ds]
+        merged.append((name, ", ".join(str(p[1]) for p in found), dets, all(p[3] for p in found)))
+    return gt, merged
+
+
+def score_instances(cfg: RunConfig, split: str | Sequence[str]) -> Optional[list[dict]]:
+    """Table 3's mask AP (``dist_seg.eval.instances``) of every object-mask set of ``split`` in the work dir.
+
+    Several splits are scored as one set of images (e.g. VOC's object segmentation set, whose 2,913 images
+    are the 1,464 of ``trainaug`` and the 1,449 of ``val`` that have instances); a product is scored only if
+    every split has it.
+
+    Returns:
+        One row per product (``product``, ``file``, ``split`` and :func:`~dist_seg.eval.instances.
+        evaluate_instances`' settings and counts); None when the dataset has no instance ground truth for a
+        split (``instances_<split>.json``).
+    """
+    from dist_seg.data.instances import read_instances
+    from dist_seg.eval.instances import evaluate_instances
+
+    splits = [split] if isinstance(split, str) else list(split)
+    docs = [read_instances(cfg.data.root, s) for s in splits]
+    if any(doc is None for doc in docs):
+        log.info("%s has no instance ground truth for %s: no mask AP", cfg.data.root,
+                 ", ".join(s for s, doc in zip(splits, docs) if doc is None))
+        return None
+    products = [instance_products(cfg, s) for s in splits]
+    if len(splits) == 1:
+        gt, merged = docs[0], [(name, str(path), dets, sem) for name, path, dets, sem in products[0]]
+    else:
+        gt, merged = _merge_splits(docs, products)
+    rows = []
+    for product, files, dets, semantic in merged:
+        log.info("mask AP of %s (%s, %d predictions)", product, files, len(dets))
+        rows.append({"product": product, "file": files, "split": "+".join(splits),
+                     **evaluate_instances(gt, dets, semantic=semantic)})
+    return rows
+
+
+def _track(cfg: RunConfig, name: str, result: dict) -> None:
+    """Log a results dict (mIoU rows and/or Table 3 rows) as the metrics of one MLflow run ``<run_name>-<name>``."""
+    from dist_seg.tracking import Tracker
+
+    run_name = f"{cfg.tracking.run_name}-{name}" if cfg.tracking.run_name else name
+    tracker = Tracker(dataclasses.replace(cfg.tracking, run_name=run_name), active=D.is_main_process(),
+                      params={"method": "maskdistill", "data.root": cfg.data.root, "data.dataset": cfg.data.dataset},
+                      tags={"method": "maskdistill", "dataset": str(cfg.data.dataset)})
+    try:
+        metrics = {}
+        for r in result.get("rows") or []:
+            for key in ("cluster_mIoU", "cluster_Acc", "linear_mIoU", "linear_Acc"):
+                if r.get(key) is not None:
+                    metrics[f"{_product_key(r['product'])}/{r['split']}/{key}"] = r[key]
+        for r in result.get("instances") or []:
+            for setting in ("agnostic_multi", "semantic_single", "semantic_multi"):
+                for metric, value in (r.get(setting) or {}).items():
+                    if value is not None:
+                        metrics[f"instances/{_product_key(r['product'])}/{setting}/{metric}"] = value
+        tracker.log_metrics(metrics)
+    finally:
+        tracker.end()
+
+
+def instances_stage(cfg: RunConfig, *, split: Optional[str | Sequence[str]] = None, accelerator=None) -> Path:
+    """``dist-seg eval-instances``: Table 3 for every object-mask set of ``split`` (default ``data.train_split``;
+    several splits are scored as one set, see :func:`score_instances`).
+
+    Writes ``<train.output_dir>/maskdistill_instances.json`` (``_<split>[+<split>]`` before ``.json`` for other
+    splits), logs it to MLflow (run ``<run_name>-instances``) and prints the table; the main process scores,
+    the others wait.
+    """
+    from dist_seg.maskdistill.files import MaskDistillFileError, work_dir, write_json_atomic
+
+    splits = [split] if isinstance(split, str) else list(split or [cfg.data.train_split])
+    label = "+".join(splits)
+    rows = _on_main(lambda: score_instances(cfg, splits))
+    if rows is None:
+        raise MaskDistillFileError(f"{cfg.data.root} has no instance ground truth for split {label!r} "
+                                   f"(instances_<split>.json): prepare a dataset that has it (voc12, coco20k, "
+                                   f"toy_objects) or pass --split")
+    if not rows:
+        raise MaskDistillFileError(f"no object masks of split {label!r} in {work_dir(cfg)}: create them with "
+                                   f"`dist-seg masks RECIPE --split {splits[0]}` (and `dist-seg name`)")
+    name = INSTANCES_NAME if splits == [cfg.data.train_split] else INSTANCES_NAME.replace(".json", f"_{label}.json")
+    path = Path(cfg.train.output_dir) / name
+    result = {"dataset": cfg.data.root, "split": label, "instances": rows}
+    if D.is_main_process():
+        write_json_atomic(result, path)
+        _track(cfg, "instances", result)
+        print(format_instances(rows))
+    D.barrier()
+    return path
+
+
+def _ap_cell(scores: Optional[dict], key: str) -> str:
+    return "—" if not scores or scores.get(key) is None else f"{scores[key]:.1f}"
+
+
+def format_instances(rows: Optional[list[dict]]) -> str:
+    """Table 3 (markdown): per product, AP50 / AP / AP75 in the three settings, as the paper orders them."""
+    if not rows:
+        return ""
+    head = " | ".join(f"{s} AP50 | {s} AP | {s} AP75" for s in ("agnostic multi", "semantic single", "semantic multi"))
+    lines = [f"Mask AP (COCOeval segm, %) on {rows[0]['split']} ({rows[0]['num_images']} images, "
+             f"{rows[0]['num_objects']} objects; paper 003 Table 3 settings)", "",
+             f"| product | predictions | {head} |", "|---|---|" + "---|" * 9]
+    for r in rows:
+        cells = " | ".join(_ap_cell(r.get(s), k) for s in ("agnostic_multi", "semantic_single", "semantic_multi")
+                           for k in ("AP50", "AP", "AP75"))
+        lines.append(f"| {r['product']} | {r['num_predictions']} | {cells} |")
+    return "\n".join(lines)
 
 
 def format_results(result: dict) -> str:
@@ -377,6 +558,8 @@ def format_results(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['product']} | {r['split']} | {cell(r['cluster_mIoU'])} | {cell(r['cluster_Acc'])} | "
                      f"{cell(r['linear_mIoU'])} | {cell(r['linear_Acc'])} |")
+    if result.get("instances"):
+        lines += ["", format_instances(result["instances"])]
     return "\n".join(lines)
 
 
@@ -460,7 +643,8 @@ def maskdistill_stage(cfg: RunConfig, *, accelerator=None) -> Optional[Path]:
             accelerator.end_training()
 
 
-STAGES: dict[str, Callable[..., Optional[Path]]] = {"detect": detect_stage, "maskdistill": maskdistill_stage}
+STAGES: dict[str, Callable[..., Optional[Path]]] = {"detect": detect_stage, "maskdistill": maskdistill_stage,
+                                                    "eval-instances": instances_stage}
 
 
 def run_maskdistill_recipe(config_fn: Callable[[], RunConfig], argv: Optional[list[str]] = None) -> int:
@@ -478,14 +662,14 @@ def run_maskdistill_recipe(config_fn: Callable[[], RunConfig], argv: Optional[li
     return _run_stage(maskdistill_stage, "maskdistill", cfg)
 
 
-def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfig) -> int:
+def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfig, **kwargs: Any) -> int:
     from dist_seg.backbones import BackboneWeightsError
     from dist_seg.data.manifest import DataError
     from dist_seg.maskdistill.files import MaskDistillFileError
     from dist_seg.trainer import TrainingError
 
     try:
-        path = stage(cfg)
+        path = stage(cfg, **kwargs)
     except (BackboneWeightsError, ConfigError, DataError, MaskDistillFileError, FileNotFoundError, TrainingError,
             ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -501,6 +685,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from dist_seg.runtime import add_recipe_arguments
 
     add_recipe_arguments(parser)
+    if parser.prog.endswith("eval-instances"):  # the one command here that scores a chosen split
+        parser.add_argument("--split", action="append", default=None,
+                            help="split whose masks/candidates are scored (default: data.train_split); repeat it "
+                                 "to score several splits as one set (voc12: --split trainaug --split val)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -513,4 +701,5 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return _run_stage(STAGES[args.command], args.command, cfg)
+    kwargs = {"split": args.split} if args.command == "eval-instances" else {}
+    return _run_stage(STAGES[args.command], args.command, cfg, **kwargs)

@@ -4,8 +4,9 @@
     dist-seg maskdistill maskdistill_coco20k maskdistill.detect.weights=R50.pth maskdistill.distil.weights=R50.pth
 
 80 thing classes + background. The pseudo-label dataset carries the ground truth of the same images as
-``train_gt`` for validation. The paper reports class-agnostic mask AP50 on COCO20k (6.8), which this
-project does not compute; the results table gives the §8.6 segmentation scores.
+``train_gt`` for validation. The paper reports class-agnostic mask AP50 on COCO20k (6.8, Table 3): the
+pipeline's eval scores it beside the §8.6 segmentation scores (``dist-seg eval-instances maskdistill_coco20k``
+scores every miner's masks and the candidates on their own; docs/maskdistill.md).
 """
 
 from dist_seg.config import BackboneConfig, DataConfig, EvalConfig, RunConfig, TrainConfig

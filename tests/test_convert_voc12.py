@@ -35,18 +35,37 @@ def _palette_png(label: np.ndarray, path: Path) -> None:
     img.save(path)
 
 
+# The object segmentation set (ImageSets/Segmentation/trainval.txt): val and VOC train, not the SBD-only image.
+OBJECT_SET = VAL + TRAIN[:2]
+# (instance id, class id, rows, cols) of each object-set image: two persons and a car, one touching the border.
+INSTANCES = [(1, 15, slice(3, 7), slice(1, 6)), (2, 7, slice(3, 9), slice(8, 13)), (3, 15, slice(8, 10), slice(0, 4))]
+
+
+def _objects(n: int, label: np.ndarray) -> np.ndarray:
+    """SegmentationObject map of object-set image n (instance ids, 255 void), painting its classes into label."""
+    objects = np.zeros_like(label)
+    for inst, cls, rows, cols in INSTANCES[: 1 + n % 3]:
+        objects[rows, cols] = inst
+        label[rows, cols] = cls
+    objects[0, :3] = 255  # the void border of _label is void in both maps
+    return objects
+
+
 def make_voc(src: Path, *, sbd: Path | None = None, train_aug_list: bool = False) -> dict[str, np.ndarray]:
     voc = src / "VOCdevkit" / "VOC2012"
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
         (voc / d).mkdir(parents=True, exist_ok=True)
     labels = {}
     for n, image_id in enumerate(VAL + TRAIN):
         Image.fromarray(rgb(10, 14, n)).save(voc / "JPEGImages" / f"{image_id}.jpg", format="PNG")
         labels[image_id] = _label(n)
+        if image_id in OBJECT_SET:
+            _palette_png(_objects(n, labels[image_id]), voc / "SegmentationObject" / f"{image_id}.png")
         if image_id != "2011_000003":
             _palette_png(labels[image_id], voc / "SegmentationClass" / f"{image_id}.png")
     (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(VAL) + "\n")
     (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(TRAIN[:2]) + "\n")
+    (voc / "ImageSets/Segmentation/trainval.txt").write_text("\n".join(OBJECT_SET) + "\n")
     aug = (sbd or voc) / "SegmentationClassAug"
     aug.mkdir(parents=True, exist_ok=True)
     for image_id in VAL + TRAIN:  # SegmentationClassAug covers val too (12,031 = 10,582 + 1,449)
@@ -148,5 +167,34 @@ def test_maskcontrast_layout(tmp_path):
     reports = prepare_voc12(src, out, workers=0, progress=False, report=False)
     assert reports["trainaug"].info.num_samples == 2 and reports["val"].info.num_samples == 2
     assert read_manifest(out).extra["conversion"]["val"]["layout"] == "maskcontrast"
+    assert not (out / "instances_val.json").exists(), "no SegmentationObject here: no instance ground truth"
     for rec, image_id in zip(read_records(out, "trainaug"), TRAIN[:2]):
         np.testing.assert_array_equal(rec["label"], _expected(labels[image_id]))
+
+
+def test_object_segmentation_set_round_trips_through_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    from dist_seg.data.instances import instances_path
+
+    src, out = tmp_path / "voc", tmp_path / "out"
+    make_voc(src)
+    prepare_voc12(src, out, workers=0, progress=False, report=False)
+    for split, ids in (("val", VAL), ("trainaug", sorted(TRAIN))):
+        coco = COCO(str(instances_path(out, split)))
+        in_set = [(index, image_id) for index, image_id in enumerate(ids) if image_id in OBJECT_SET]
+        assert sorted(coco.getImgIds()) == [index for index, _ in in_set], f"{split}: the object set's records"
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(VOC12.class_names[1:])
+        records = read_records(out, split)
+        for index, image_id in in_set:
+            n = (VAL + TRAIN).index(image_id)
+            objects = _objects(n, _label(n))
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=[index]))
+            assert len(anns) == 1 + n % 3, f"{split}/{image_id}: one annotation per instance id"
+            assert coco.imgs[index]["file_name"] == f"{image_id}.jpg" and records[index]["meta"]["source"] == \
+                f"JPEGImages/{image_id}.jpg", "image_id is the record's index"
+            for ann, (inst, cls, _, _) in zip(anns, INSTANCES):
+                np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), objects == inst)
+                ys, xs = np.nonzero(objects == inst)
+                assert ann["category_id"] == cls and ann["iscrowd"] == 0 and ann["area"] == len(ys)
+                assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

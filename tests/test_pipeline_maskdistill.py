@@ -176,6 +176,11 @@ def test_toy_recipe_runs_every_stage_from_the_cli(tmp_path, capsys):
                                                       "student (head)", "student (head)"]
     assert result["num_classes"] == 4 and all(0 <= r["cluster_mIoU"] <= 100 for r in result["rows"])
     assert result["rows"][-1]["linear_mIoU"] is not None
+    # Table 3 (toy_objects has instance ground truth): the mined masks and the candidates, three settings each.
+    assert [r["product"] for r in result["instances"]] == ["masks (maskdistill)", "Mask R-CNN candidates (†)"]
+    assert all(0 <= r[s]["AP50"] <= 100 for r in result["instances"]
+               for s in ("agnostic_multi", "semantic_single", "semantic_multi"))
+    assert "Mask AP (COCOeval segm, %) on train (8 images" in printed
     for stage in ("detect", "distil", "linear"):
         assert (out / stage / "checkpoints" / "step-00000002.pt").is_file(), f"{stage} did not finish"
     mtimes = {p: p.stat().st_mtime for p in out.rglob("step-*.pt")}

@@ -1,10 +1,15 @@
 """The MaskDistill results table (SPEC §8.6; docs/results.md "MaskDistill (toy)").
 
 Runs ``dist-seg maskdistill RECIPE [key=value ...]`` (every stage, skipping finished ones; one process)
-unless ``--report-only``, then reads ``<train.output_dir>/maskdistill_results.json`` and prints the
-markdown table: initial masks + K-means and Mask R-CNN pseudo-labels (training split), the student
-(training and validation splits); clustering mIoU/Acc (Hungarian over all K+1 classes, background
-included) and the linear protocol's mIoU/Acc. A header gives the command, date, commit and machine.
+unless ``--report-only``, then, for paper 003's Table 3, mines and names the training split's masks with
+the two baselines (``dist-seg masks/name RECIPE maskdistill.mine.method=dino|lost``) and scores every
+object-mask set with ``dist-seg eval-instances RECIPE`` (skipped, with a note, when the dataset has no
+instance ground truth). It then reads ``<train.output_dir>/maskdistill_results.json`` (and
+``maskdistill_instances.json``) and prints the markdown tables: initial masks + K-means and Mask R-CNN
+pseudo-labels (training split), the student (training and validation splits); clustering mIoU/Acc
+(Hungarian over all K+1 classes, background included) and the linear protocol's mIoU/Acc; then mask
+AP / AP50 / AP75 of each miner's masks and the Mask R-CNN candidates in Table 3's three settings. A
+header gives the commands, date, commit and machine.
 
 Examples::
 
@@ -45,25 +50,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    from dist_seg.pipeline import RESULTS_NAME, format_results
+    from dist_seg.data.instances import instances_path
+    from dist_seg.pipeline import INSTANCES_NAME, RESULTS_NAME, format_results
     from dist_seg.trainer import load_recipe, resolve_config
 
     cfg = resolve_config(load_recipe(args.recipe)(), args.overrides)
-    cmd = [sys.executable, "-m", "dist_seg.cli", "maskdistill", args.recipe, *args.overrides]
+    base = [sys.executable, "-m", "dist_seg.cli"]
+    commands = [["maskdistill", args.recipe, *args.overrides]]
+    if instances_path(cfg.data.root, cfg.data.train_split).is_file() or cfg.data.dataset == "toy_objects":
+        for method in ("dino", "lost"):
+            for stage in ("masks", "name"):
+                commands.append([stage, args.recipe, *args.overrides, f"maskdistill.mine.method={method}"])
+        commands.append(["eval-instances", args.recipe, *args.overrides])
+    else:
+        print(f"note: {cfg.data.root} has no instance ground truth for {cfg.data.train_split}: no mask AP table",
+              file=sys.stderr)
     seconds = None
     if not args.report_only:
         start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=REPO)
+        for cmd in commands:
+            done = subprocess.run(base + cmd, cwd=REPO)
+            if done.returncode != 0:
+                print(f"error: `dist-seg {shlex.join(cmd)}` failed with exit code {done.returncode}", file=sys.stderr)
+                return done.returncode
         seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            print(f"error: `{shlex.join(cmd[2:])}` failed with exit code {done.returncode}", file=sys.stderr)
-            return done.returncode
     path = Path(cfg.train.output_dir) / RESULTS_NAME
     if not path.is_file():
         print(f"error: {path} not found: run without --report-only first", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
-    print(f"command: dist-seg {shlex.join(['maskdistill', args.recipe, *args.overrides])}")
+    instances = Path(cfg.train.output_dir) / INSTANCES_NAME
+    if instances.is_file():  # every miner's masks (eval-instances), not only those the pipeline's eval saw
+        result["instances"] = json.loads(instances.read_text())["instances"]
+    for cmd in commands:
+        print(f"command: dist-seg {shlex.join(cmd)}")
     print(f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {_commit()}; "
           f"{platform.machine()} {platform.system()}"
           + (f"; wall time {seconds / 60:.1f} min" if seconds is not None else ""))

@@ -168,7 +168,46 @@ def prepare_voc12(src: PathLike, out: PathLike, *, splits: Sequence[str] = SPLIT
     def plan(root: Path, split: str) -> SplitPlan:
         return plan_split(root, split, sbd=sbd, trainaug_list=trainaug_list)
 
-    return CONVERTER.convert(src, out, splits, plan, load_item, **options)
+    reports = CONVERTER.convert(src, out, splits, plan, load_item, **options)
+    for split, split_report in reports.items():
+        write_object_instances(out, plan(Path(src), split), resumed=split_report.resumed)
+    return reports
+
+
+def write_object_instances(out: PathLike, plan: SplitPlan, *, resumed: bool = False) -> Path | None:
+    """``instances_<split>.json``: VOC 2012's object segmentation set (``SegmentationObject``) within a split.
+
+    The images of the split that VOC annotates with instances (listed in ``ImageSets/Segmentation/
+    trainval.txt``, 2,913 images, and holding a ``SegmentationObject`` PNG: val's 1,449 and the 1,464 VOC
+    train images inside trainaug) become COCO ground truth (:mod:`dist_seg.data.instances`): ``image_id`` =
+    the record's index in the split, one RLE annotation per instance id, its class read from
+    ``SegmentationClass`` at the same pixels. A resumed split keeps an existing file; a layout without
+    ``SegmentationObject`` (MaskContrast's copy) gets none, and says so.
+    """
+    from dist_seg.data.instances import instances_path, write_object_png_instances
+    from dist_seg.data.manifest import read_manifest
+
+    voc = Path(plan.items[0].image).parent.parent if plan.items else None
+    obj_dir = voc / "SegmentationObject" if voc is not None else None
+    if obj_dir is None or not obj_dir.is_dir():
+        log.info("voc12/%s: no SegmentationObject folder: no instance ground truth written", plan.split)
+        return None
+    if resumed and instances_path(out, plan.split).is_file():
+        return instances_path(out, plan.split)
+    listed = voc / "ImageSets/Segmentation/trainval.txt"
+    object_set = set(_read_ids(listed)) if listed.is_file() else None
+    skipped = {x["source"] for x in (read_manifest(out).extra.get("skipped") or {}).get(plan.split, [])}
+    written = [item for item in plan.items if item.source not in skipped]
+    images = [(index, Path(item.image).name, obj_dir / f"{Path(item.image).stem}.png",
+               voc / "SegmentationClass" / f"{Path(item.image).stem}.png") for index, item in enumerate(written)]
+    images = [im for im in images if (object_set is None or im[2].stem in object_set) and im[2].is_file()
+              and im[3].is_file()]
+    path = write_object_png_instances(out, plan.split, images, category_names=VOC12.class_names[1:], info={
+        "dataset": "voc12", "split": plan.split, "source": str(obj_dir),
+        "note": "VOC2012 object segmentation set (ImageSets/Segmentation/trainval) within this split; image_id = "
+                "global record index; category_id = VOC class 1..20"})
+    log.info("voc12/%s: instance ground truth of %d images -> %s", plan.split, len(images), path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ CLI hook

@@ -13,6 +13,12 @@ from typing import Optional
 class MineConfig:
     """Object masks from the last self-attention block (SPEC §8.1)."""
 
+    # "maskdistill" (SPEC §8.1), or Table 3's baselines: "dino" (summed CLS attention holding dino_mass of
+    # its mass) or "lost" (LOST's seed expansion over lost_k patch proposals). A baseline writes
+    # masks_<method>_<split>.json, so the three can be mined and scored side by side (dist-seg eval-instances).
+    method: str = "maskdistill"
+    dino_mass: float = 0.75
+    lost_k: int = 400
     backbone: str = "dino_vits16"
     weights: Optional[str] = None
     heads: int = 5

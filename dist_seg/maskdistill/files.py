@@ -23,9 +23,14 @@ def work_dir(cfg) -> Path:
     return Path(cfg.maskdistill.work_dir or Path(cfg.data.root) / "maskdistill")
 
 
-def masks_path(cfg, split: str) -> Path:
-    """The mined (and, after ``name``, clustered) object masks of ``split``."""
-    return work_dir(cfg) / f"masks_{split}.json"
+def masks_path(cfg, split: str, method: str | None = None) -> Path:
+    """The mined (and, after ``name``, clustered) object masks of ``split``.
+
+    ``method`` (default ``maskdistill.mine.method``): MaskDistill's own masks are ``masks_<split>.json``; a
+    baseline miner's are ``masks_<method>_<split>.json``, so every miner's masks can sit side by side.
+    """
+    method = method or cfg.maskdistill.mine.method
+    return work_dir(cfg) / (f"masks_{split}.json" if method == "maskdistill" else f"masks_{method}_{split}.json")
 
 
 def candidates_path(cfg, split: str) -> Path:

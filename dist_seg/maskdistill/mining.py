@@ -32,8 +32,12 @@ from dist_seg.maskdistill.files import MaskDistillFileError, masks_path, read_js
 
 __all__ = [
     "DegenerateAttentionError",
+    "MINERS",
     "configure_parser",
+    "dino_attention_mask",
     "encode_mask",
+    "lost_object_mask",
+    "mine_grid_mask",
     "mine_image_mask",
     "mine_masks",
     "mine_object_mask",
@@ -45,36 +49,70 @@ log = logging.getLogger(__name__)
 
 MASKS_COMMAND = "dist-seg masks RECIPE"
 # The provenance keys a masks file must match to be reused (``name`` adds its own keys beside them).
-PROVENANCE_KEYS = ("stage", "split", "backbone", "weights_id", "heads", "topk", "mass", "short_side", "dataset",
-                   "dataset_fingerprint", "num_images")
+PROVENANCE_KEYS = ("stage", "split", "method", "backbone", "weights_id", "heads", "topk", "mass", "dino_mass", "lost_k",
+                   "short_side", "dataset", "dataset_fingerprint", "num_images")
+# What a file written before a key existed means by it (files from before the baselines are MaskDistill's).
+PROVENANCE_DEFAULTS = {"method": "maskdistill", "dino_mass": None, "lost_k": None}
 
 
 class DegenerateAttentionError(ValueError):
     """The attention of an image defines no object (all-zero CLS attention or keys): nothing can be mined."""
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor, grid_w: int, heads: int, topk: float, mass: float) -> tuple[int, int]:
+def _check_tokens(q: torch.Tensor, k: torch.Tensor, grid_w: int) -> tuple[int, int]:
+    """Shapes and values shared by every miner: one image's ``[L, 1+N, d]`` queries and keys on a grid."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
         raise ValueError("q and k must be torch tensors [L, 1+N, d]")
     if q.ndim != 3 or k.ndim != 3 or q.shape != k.shape:
         raise ValueError(f"q and k must both be [L, 1+N, d] (one image, CLS first), got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}; drop the batch dim and the register tokens first")
-    num_heads, tokens, _ = q.shape
-    num_patches = tokens - 1
+    num_patches = q.shape[1] - 1
     if num_patches < 1:
-        raise ValueError(f"q and k hold {tokens} token(s); need the CLS token and at least one patch")
+        raise ValueError(f"q and k hold {q.shape[1]} token(s); need the CLS token and at least one patch")
     if not isinstance(grid_w, int) or grid_w < 1 or num_patches % grid_w:
         raise ValueError(f"grid_w={grid_w!r} does not divide the {num_patches} patch tokens into rows")
-    if not isinstance(heads, int) or not 1 <= heads <= num_heads:
-        raise ValueError(f"heads={heads!r} must be an int in 1..{num_heads} (the attention has {num_heads} heads)")
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass={mass!r} must be in (0, 1]")
-    if not 0.0 < topk <= 1.0 or int(topk * num_patches) < 1:
-        raise ValueError(f"topk={topk!r} selects int(topk * {num_patches}) = {int(topk * num_patches)} patches; "
-                         f"choose topk in (0, 1] with topk * N >= 1")
     if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
         raise ValueError("q and k contain NaN or infinite values")
     return num_patches // grid_w, grid_w
+
+
+def _check_mass(mass: float, name: str = "mass") -> None:
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"{name}={mass!r} must be in (0, 1]")
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, grid_w: int, heads: int, topk: float, mass: float) -> tuple[int, int]:
+    grid_h, grid_w = _check_tokens(q, k, grid_w)
+    num_heads, num_patches = q.shape[0], grid_h * grid_w
+    if not isinstance(heads, int) or not 1 <= heads <= num_heads:
+        raise ValueError(f"heads={heads!r} must be an int in 1..{num_heads} (the attention has {num_heads} heads)")
+    _check_mass(mass)
+    if not 0.0 < topk <= 1.0 or int(topk * num_patches) < 1:
+        raise ValueError(f"topk={topk!r} selects int(topk * {num_patches}) = {int(topk * num_patches)} patches; "
+                         f"choose topk in (0, 1] with topk * N >= 1")
+    return grid_h, grid_w
+
+
+def _mass_keep(a: torch.Tensor, mass: float) -> torch.Tensor:
+    """Bool mask of the largest entries of ``a`` holding ``mass`` of its total (DINO's attention threshold).
+
+    Ascending sort (stable: equal entries keep their index order), cumulative share of the total, and the
+    entries whose cumulative share exceeds ``1 - mass`` are kept.
+    """
+    values, order = torch.sort(a, stable=True)
+    keep_sorted = torch.cumsum(values / a.sum(), dim=0) > 1 - mass
+    keep = torch.zeros_like(keep_sorted)
+    keep[order] = keep_sorted
+    return keep
+
+
+def _component(diffused: np.ndarray, source: int, grid_w: int) -> np.ndarray:
+    """The 4-connected component of the bool grid ``diffused`` holding patch ``source``."""
+    row, col = divmod(source, grid_w)
+    if not diffused[row, col]:
+        raise DegenerateAttentionError("the source patch's key is zero; no attention component holds it")
+    labels, _ = scipy.ndimage.label(diffused)
+    return labels == labels[row, col]
 
 
 @torch.no_grad()
@@ -111,24 +149,95 @@ def mine_object_mask(q: torch.Tensor, k: torch.Tensor, grid_w: int, *, heads: in
     num_patches = grid_h * grid_w
     keys = k[:, 1:]
     a = torch.einsum("hd,hnd->hn", q[:heads, 0], keys[:heads]).mean(dim=0)
-    total = a.sum()
-    if total == 0:
+    if a.sum() == 0:
         raise DegenerateAttentionError("the CLS attention sums to zero; the mass filter is undefined")
-    values, order = torch.sort(a, stable=True)
-    keep_sorted = torch.cumsum(values / total, dim=0) > 1 - mass
-    keep = torch.zeros_like(keep_sorted)
-    keep[order] = keep_sorted
-    a = a * keep
+    a = a * _mass_keep(a, mass)
     proposals = torch.sort(a, descending=True, stable=True).indices[: int(topk * num_patches)]
     source = int(proposals[0])
     graph = torch.einsum("hnd,hmd->nm", keys, keys)
     similar = proposals[graph[source, proposals] > 0]
     diffused = (graph[similar].sum(dim=0) > 0).reshape(grid_h, grid_w).cpu().numpy()
-    row, col = divmod(source, grid_w)
-    if not diffused[row, col]:
-        raise DegenerateAttentionError("the source patch's key is zero; no attention component holds it")
-    labels, _ = scipy.ndimage.label(diffused)
-    return labels == labels[row, col]
+    return _component(diffused, source, grid_w)
+
+
+@torch.no_grad()
+def dino_attention_mask(q: torch.Tensor, k: torch.Tensor, grid_w: int, *, mass: float = 0.75) -> np.ndarray:
+    """DINO's attention mask (Caron et al. 2021), as MaskDistill runs it as a baseline (paper 003, A.4).
+
+    The CLS token's self-attention over the patches, ``softmax(q_h[0] · k_hᵀ / √d)`` over all tokens (the
+    attention the block computes) restricted to the patch columns, is summed over *all* heads ("we sum
+    the attention heads"); the patches holding ``mass`` of the summed attention (the largest entries, as
+    DINO's visualisation thresholds each head; MaskDistill sets 0.75) form the mask. No connected component
+    is taken: the mask is every kept patch, as DINO's.
+
+    Args:
+        q: queries ``[L, 1+N, d]`` (token 0 = CLS), before the d^-½ scale.
+        k: keys, same shape.
+        grid_w: patches per row.
+        mass: share of the summed CLS attention the mask holds.
+
+    Returns:
+        bool ``[g_h, g_w]``, never empty.
+    """
+    grid_h, grid_w = _check_tokens(q, k, grid_w)
+    _check_mass(mass, "dino_mass")
+    q, k = q.double(), k.double()
+    logits = torch.einsum("hd,hnd->hn", q[:, 0], k) * q.shape[-1] ** -0.5
+    attention = logits.softmax(dim=-1)[:, 1:].sum(dim=0)
+    return _mass_keep(attention, mass).reshape(grid_h, grid_w).cpu().numpy()
+
+
+@torch.no_grad()
+def lost_object_mask(k: torch.Tensor, grid_w: int, *, num_proposals: int = 400) -> np.ndarray:
+    """LOST's object (Siméoni et al. 2021) as a patch-grid mask, from the last block's keys.
+
+    Patch similarity ``A = Σ_h k_h k_hᵀ`` (the keys of all heads concatenated); a patch's degree is its
+    number of positive correlations ``#{q : A[p, q] > 0}``. The seed is the patch of lowest degree (an
+    object is assumed smaller than the background, so its patches correlate with fewer others); the
+    ``num_proposals`` patches of lowest degree (LOST's k: 100 in LOST, 400 in MaskDistill's comparison,
+    "we take 400 patch proposals") that correlate positively with the seed form the seed set ``S``; a
+    patch belongs to the object when ``Σ_{s∈S} A[s, q] > 0``, and the 4-connected component holding the
+    seed is returned. LOST boxes this component; MaskDistill scores masks, so the component itself is the
+    output (its tight box is LOST's box at patch resolution). Ties in the degree order go to the lower index.
+
+    Args:
+        k: keys ``[L, 1+N, d]`` (token 0 = CLS, ignored).
+        grid_w: patches per row.
+        num_proposals: LOST's k (clipped to N).
+
+    Returns:
+        bool ``[g_h, g_w]``, never empty.
+
+    Raises:
+        DegenerateAttentionError: the seed's key is zero.
+    """
+    grid_h, grid_w = _check_tokens(k, k, grid_w)
+    if not isinstance(num_proposals, int) or num_proposals < 1:
+        raise ValueError(f"lost_k={num_proposals!r} must be a positive int (LOST's number of patch proposals)")
+    keys = k.double()[:, 1:]
+    graph = torch.einsum("hnd,hmd->nm", keys, keys)
+    degree = (graph > 0).sum(dim=1)
+    order = torch.sort(degree, stable=True).indices
+    seed = int(order[0])
+    proposals = order[:num_proposals]
+    similar = proposals[graph[seed, proposals] > 0]
+    diffused = (graph[similar].sum(dim=0) > 0).reshape(grid_h, grid_w).cpu().numpy()
+    return _component(diffused, seed, grid_w)
+
+
+MINERS = ("maskdistill", "dino", "lost")
+
+
+def mine_grid_mask(q: torch.Tensor, k: torch.Tensor, grid_w: int, *, method: str = "maskdistill", heads: int = 5,
+                   topk: float = 0.4, mass: float = 0.5, dino_mass: float = 0.75, lost_k: int = 400) -> np.ndarray:
+    """The patch-grid object mask of one image by ``method`` (:data:`MINERS`; ``maskdistill.mine.method``)."""
+    if method == "maskdistill":
+        return mine_object_mask(q, k, grid_w, heads=heads, topk=topk, mass=mass)
+    if method == "dino":
+        return dino_attention_mask(q, k, grid_w, mass=dino_mass)
+    if method == "lost":
+        return lost_object_mask(k, grid_w, num_proposals=lost_k)
+    raise ValueError(f"maskdistill.mine.method={method!r} is not one of {', '.join(MINERS)}")
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -145,7 +254,8 @@ def _to_pil(image) -> Image.Image:
 
 @torch.no_grad()
 def mine_image_mask(backbone, image, *, heads: int = 5, topk: float = 0.4, mass: float = 0.5,
-                    short_side: int = 640) -> np.ndarray:
+                    short_side: int = 640, method: str = "maskdistill", dino_mass: float = 0.75,
+                    lost_k: int = 400) -> np.ndarray:
     """SPEC §8.1 on one image: the object mask at the image's own size.
 
     The image's short side is resized to ``short_side`` (PIL bilinear, small images are upscaled), it is
@@ -158,6 +268,9 @@ def mine_image_mask(backbone, image, *, heads: int = 5, topk: float = 0.4, mass:
         image: uint8 ``[3, H, W]`` tensor or ``[H, W, 3]`` array, RGB.
         heads, topk, mass: as for :func:`mine_object_mask`.
         short_side: side the short image side is resized to.
+        method: the miner (:func:`mine_grid_mask`): ``maskdistill`` (SPEC §8.1), ``dino`` or ``lost``.
+        dino_mass: attention share of the ``dino`` mask (:func:`dino_attention_mask`).
+        lost_k: patch proposals of ``lost`` (:func:`lost_object_mask`).
 
     Returns:
         bool ``[H, W]`` numpy array.
@@ -181,7 +294,8 @@ def mine_image_mask(backbone, image, *, heads: int = 5, topk: float = 0.4, mass:
     # Token 0 is the CLS token; the register tokens (DINOv2-reg) sit between it and the patches.
     keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(prefix, q.shape[2])]).to(q.device)
     # Mined where the backbone runs: the N×N key graph is the costly part at 640 px.
-    grid = mine_object_mask(q[0][:, keep], k[0][:, keep], pw // p, heads=heads, topk=topk, mass=mass)
+    grid = mine_grid_mask(q[0][:, keep], k[0][:, keep], pw // p, method=method, heads=heads, topk=topk, mass=mass,
+                          dino_mass=dino_mass, lost_k=lost_k)
     up = F.interpolate(torch.from_numpy(grid)[None, None].float(), scale_factor=p, mode="nearest")[0, 0, :rh, :rw]
     mask = Image.fromarray(up.numpy().astype(np.uint8) * 255).resize((width, height), Image.BICUBIC)
     return np.asarray(mask) > 0
@@ -210,15 +324,22 @@ def mining_provenance(cfg, *, split: str, weights_id: str) -> dict[str, Any]:
 
     manifest = read_manifest(cfg.data.root, dataset=cfg.data.dataset)
     mine = cfg.maskdistill.mine
-    return {"stage": "masks", "split": split, "backbone": mine.backbone, "weights_id": weights_id,
-            "heads": mine.heads, "topk": mine.topk, "mass": mine.mass, "short_side": mine.short_side,
+    # Only the settings the miner reads are recorded: a baseline's file does not depend on §8.1's settings.
+    own = mine.method == "maskdistill"
+    return {"stage": "masks", "split": split, "method": mine.method, "backbone": mine.backbone,
+            "weights_id": weights_id, "heads": mine.heads if own else None, "topk": mine.topk if own else None,
+            "mass": mine.mass if own else None, "dino_mass": mine.dino_mass if mine.method == "dino" else None,
+            "lost_k": mine.lost_k if mine.method == "lost" else None, "short_side": mine.short_side,
             "dataset": manifest.name, "dataset_fingerprint": _dataset_fingerprint(manifest, split),
             "num_images": manifest.split(split).num_samples}
 
 
 def _differences(found: dict, expected: dict) -> list[str]:
-    return [f"{key}={found.get(key)!r} (this run: {expected[key]!r})" for key in PROVENANCE_KEYS
-            if found.get(key) != expected[key]]
+    def value(key):
+        return found.get(key, PROVENANCE_DEFAULTS.get(key))
+
+    return [f"{key}={value(key)!r} (this run: {expected[key]!r})" for key in PROVENANCE_KEYS
+            if value(key) != expected[key]]
 
 
 def _check_existing(path: Path, expected: dict) -> bool:
@@ -278,7 +399,8 @@ def _mine_chunk(backbone, records, start: int, stop: int, mine, shards=None) -> 
         images.append({"id": index, "key": f"{index:09d}", "width": width, "height": height})
         try:
             mask = mine_image_mask(backbone, image, heads=mine.heads, topk=mine.topk, mass=mine.mass,
-                                   short_side=mine.short_side)
+                                   short_side=mine.short_side, method=mine.method, dino_mass=mine.dino_mass,
+                                   lost_k=mine.lost_k)
         except DegenerateAttentionError as err:
             log.warning("image %d: no object mask (%s)", index, err)
             empty.append(index)
@@ -330,7 +452,9 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
                              weights_key="maskdistill.mine.weights")
     backbone.to(device)
     num_heads = int(backbone.model.blocks[-1].attn.num_heads)
-    if not 1 <= mine.heads <= num_heads:
+    if mine.method not in MINERS:
+        raise ValueError(f"maskdistill.mine.method={mine.method!r} is not one of {', '.join(MINERS)}")
+    if mine.method == "maskdistill" and not 1 <= mine.heads <= num_heads:
         raise ValueError(f"maskdistill.mine.heads={mine.heads} but backbone {mine.backbone!r} has {num_heads} "
                          f"attention heads; set maskdistill.mine.heads to 1..{num_heads}")
     expected = mining_provenance(cfg, split=split, weights_id=backbone.weights_id)
@@ -380,7 +504,7 @@ def mine_masks(cfg, *, split: Optional[str] = None, accelerator=None, overwrite:
             ann["id"] = number
         empty = [index for part in gathered for index in part["empty"]]
         damaged = [record for part in gathered for record in part.get("damaged", [])]
-        info = {**expected, "description": "MaskDistill object masks (SPEC 8.1), one per image",
+        info = {**expected, "description": f"object masks mined by {mine.method!r} (SPEC 8.1), one per image",
                 "num_annotations": len(annotations), "empty_image_ids": empty, "damaged": damaged}
         if damaged:
             log.warning("%s: %d damaged images got no mask (listed under info.damaged): %s", path, len(damaged),
