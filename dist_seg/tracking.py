@@ -55,6 +55,59 @@ def tracking_uri(cfg_uri: Optional[str] = None) -> str:
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def _is_write_conflict(err: BaseException) -> bool:
+    """Whether an MLflow error is a SQL store's unique-constraint failure (sqlite, PostgreSQL, MySQL)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if type(err).__name__ == "IntegrityError" or "UNIQUE constraint failed" in text or (
+                "duplicate key value" in text or "Duplicate entry" in text):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_on_conflict(call, *args, attempts: int = 5, **kwargs):
+    """``call(*args, **kwargs)``, again when another process wrote the same row at the same moment.
+
+    MLflow's SQL stores look for a tag (or a dataset input, or an experiment tag) in one statement and insert
+    it in the next, so two processes writing the same key at once (concurrent sweep trials logging the same
+    dataset, a stopped trial and the sweep driver settling one run) make the second insert fail with a
+    unique-constraint error. By then the row exists, and the same call again updates or reuses it.
+    """
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as err:
+            if attempt == attempts - 1 or not _is_write_conflict(err):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class ConflictSafeClient:
+    """An ``MlflowClient`` whose writes go through :func:`retry_on_conflict` (processes that share a store)."""
+
+    _WRITES = frozenset({"set_tag", "delete_tag", "set_terminated", "log_batch", "log_text", "set_experiment_tag",
+                         "log_inputs", "log_param", "log_metric"})
+
+    def __init__(self, uri: Optional[str] = None):
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=uri)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name in self._WRITES:
+            return lambda *args, **kwargs: retry_on_conflict(attr, *args, **kwargs)
+        return attr
+
+
 def run_params(cfg) -> dict[str, Any]:
     """The flattened config of a run without the sections of methods it does not train.
 
@@ -165,7 +218,7 @@ class Tracker:
         uri = tracking_uri(cfg.uri)
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.set_experiment(cfg.experiment)
-        client = mlflow.MlflowClient()
+        client = ConflictSafeClient(uri)
         if "mlflow.note.content" not in experiment.tags:
             client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
         system_metrics = _has("psutil")
@@ -204,7 +257,7 @@ class Tracker:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"run_id": self.run_id, "experiment_id": experiment.experiment_id,
                                         "tracking_uri": uri}))
-        mlflow.set_tags(all_tags)
+        retry_on_conflict(mlflow.set_tags, all_tags)
         if params:
             self._log_params(params, previous)
         if config_text is not None:
@@ -255,11 +308,11 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             data = self._mlflow.data.from_pandas(frame, source=dataset["root"], name=dataset["name"],
                                                  digest=dataset["digest"][:16])
-            self._mlflow.log_input(data, context="training",
-                                   tags={"root": dataset["root"], "manifest_sha256": dataset["digest"],
-                                         "num_classes": str(dataset.get("num_classes")),
-                                         **{f"samples.{name}": str(info["num_samples"])
-                                            for name, info in dataset["splits"].items()}})
+            retry_on_conflict(self._mlflow.log_input, data, context="training",
+                              tags={"root": dataset["root"], "manifest_sha256": dataset["digest"],
+                                    "num_classes": str(dataset.get("num_classes")),
+                                    **{f"samples.{name}": str(info["num_samples"])
+                                       for name, info in dataset["splits"].items()}})
 
     @classmethod
     def for_run(cls, run_cfg, *, active: bool, tags: Mapping[str, str] = (),

@@ -55,6 +55,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert ds["resumed_to"] == 2 * ds["first_run_steps"] and "resumed from" in ds["resumed_log"], ds
     assert any("optim_states" in s for s in ds["shards"]), ds
     assert ds["validation"], "the DeepSpeed run must reach its final validation"
+    assert ds["mixed_precision"] == "bf16" and ds["checkpoint_dtypes"] == ["torch.float32"], "fp32 master saved"
     knn_item = results["knn-torch"]["dry_run"]
     assert knn_item["symmetric"] is False and knn_item["queries"] < knn_item["keys"], knn_item
     assert results["knn-faiss-gpu"]["dry_run"]["auto_backend"] == "torch"

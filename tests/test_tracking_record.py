@@ -27,8 +27,8 @@ def test_a_run_logs_the_common_sections_and_only_its_methods_section():
     params = run_params(cfg)
     assert not [k for k in params if k.startswith(OTHER_SECTIONS)], "a STEGO run reads no other method's section"
     assert {k for k in flatten(cfg) if k.startswith("stego.")} <= set(params), "every stego.* key is logged"
-    common = {k for k in flatten(cfg) if k.split(".")[0] in ("method", "num_classes", "data", "backbone", "train",
-                                                                "eval", "tracking")}
+    common = {k for k in flatten(cfg) if k.split(".")[0] in ("method", "num_classes", "data", "backbone", "extract",
+                                                                "train", "eval", "tracking")}
     assert set(params) == common | {k for k in flatten(cfg) if k.startswith("stego.")}
     assert len(params) < len(flatten(cfg)) - 40, (len(params), len(flatten(cfg)))
     detect = run_params(merge(RunConfig(), overrides=["method=maskrcnn"]))
@@ -197,3 +197,47 @@ def test_tracker_reopens_its_run_unless_training_starts_over_with_other_settings
     other = tracker(0.5, 0)
     assert other.run_id != run_id, "starting over with other settings is another run"
     other.end()
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    import mlflow, pandas as pd
+    from dist_seg.tracking import ConflictSafeClient, retry_on_conflict
+
+    uri, start, run_id = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("shared")
+    data = mlflow.data.from_pandas(pd.DataFrame({"split": ["train"], "num_samples": [32]}), source="/data/toy",
+                                   name="toy", digest="0123456789abcdef")
+    client = ConflictSafeClient(uri)
+    with mlflow.start_run():
+        time.sleep(max(start - time.time(), 0))  # every writer at the same moment
+        retry_on_conflict(mlflow.log_input, data, context="training")
+        client.set_tag(run_id, "sweep.stopped_at_step", "5")
+    print("ok")
+""")
+
+
+def test_processes_writing_the_same_rows_at_once_all_succeed(tmp_path):
+    """Concurrent sweep trials log one dataset, and a trial and the driver tag one run, at the same moment: MLflow's
+    SQL store inserts after a separate lookup, so all but one writer hit a unique constraint unless they retry."""
+    import time
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment("shared")
+    with mlflow.start_run() as run:
+        pass
+    start = time.time() + 15  # after every process has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(start), run.info.run_id], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(err[-1500:] for _, err in results)
+    client = MlflowClient(uri)
+    assert client.get_run(run.info.run_id).data.tags["sweep.stopped_at_step"] == "5"
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_id != '{run.info.run_id}'")
+    assert len(runs) == 4 and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+    assert {r.inputs.dataset_inputs[0].dataset.digest for r in runs} == {"0123456789abcdef"}

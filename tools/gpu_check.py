@@ -504,8 +504,14 @@ def deepspeed_zero2(check: Check) -> dict:
     ds = str(REPO / "launch" / "deepspeed_zero2.json")
     base = load_recipe(str(REPO / "recipes" / "stego_toy.py"))()
     half = max(1, check.steps // 2)
-    first = merge(base, overrides=check.overrides("stego", "online", out, f"train.deepspeed_config={ds}",
-                                                  f"train.num_steps={half}", f"train.checkpoint_every={half}"))
+    # bf16 in the dry run too (DeepSpeed's bf16 runs on the CPU): the path whose validation and checkpoints
+    # must see the fp32 master weights.
+    settings = (f"train.deepspeed_config={ds}", "train.mixed_precision=bf16", f"train.checkpoint_every={half}")
+    first = merge(base, overrides=check.overrides("stego", "online", out, *settings, f"train.num_steps={half}"))
+    if check.dry:  # the items before trained in fp32 in this process; Accelerate keeps one precision per process
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     t0 = time.perf_counter()
     first_result = train(first)  # ends with the final validation (the path that crashed under bf16 weights)
     first_s = time.perf_counter() - t0
@@ -514,8 +520,7 @@ def deepspeed_zero2(check: Check) -> dict:
     # The resumed run is a fresh `dist-seg train` process, as after a preemption (DeepSpeed's process groups
     # also cannot be rebuilt inside one process). It reads DeepSpeed's shards through the weights-only loader.
     cmd = [sys.executable, "-m", "dist_seg.cli", "train", str(REPO / "recipes" / "stego_toy.py"),
-           *check.overrides("stego", "online", out, f"train.deepspeed_config={ds}", f"train.num_steps={2 * half}",
-                            f"train.checkpoint_every={half}")]
+           *check.overrides("stego", "online", out, *settings, f"train.num_steps={2 * half}")]
     t0 = time.perf_counter()
     # Without the rendezvous variables this process exported for its own one-rank group (its port is taken).
     env = {k: v for k, v in os.environ.items()
@@ -527,14 +532,15 @@ def deepspeed_zero2(check: Check) -> dict:
     from dist_seg.checkpoints import load_checkpoint
 
     state = load_checkpoint(out / "checkpoints" / f"step-{2 * half:08d}.pt")
+    dtypes = sorted({str(v.dtype) for v in state["method"].values() if torch.is_tensor(v) and v.is_floating_point()})
     ok = (state["step"] == 2 * half and any("optim_states" in s for s in shards) and "resumed from" in res.stderr
-          and bool(val))
+          and bool(val) and dtypes == ["torch.float32"])
     return {"status": check.status(ok), "dry_run" if check.dry else "figures": {
         "ranks": 1, "note": "one process: ZeRO-2 partitioning is trivial; the multi-rank path is tested on CPU "
                             "(tests/test_deepspeed_engine.py)", "validation": val,
         "first_run_steps": half, "first_run_s": first_s, "resumed_to": state["step"], "resumed_run_s": resume_s,
         "resumed_log": next((ln for ln in res.stderr.splitlines() if "resumed from" in ln), None),
-        "shards": shards, "mixed_precision": check.precision}}
+        "shards": shards, "mixed_precision": "bf16", "checkpoint_dtypes": dtypes}}
 
 
 def collectives(check: Check) -> dict:

@@ -40,9 +40,11 @@ def absolute_tracking_uri(uri: str, cwd: Optional[str] = None) -> str:
 
 
 def _client(uri: str):
-    from mlflow import MlflowClient
+    """The sweep's MLflow client: trials and the driver write to one store at once (see
+    :func:`dist_seg.tracking.retry_on_conflict`)."""
+    from dist_seg.tracking import ConflictSafeClient
 
-    return MlflowClient(tracking_uri=uri)
+    return ConflictSafeClient(uri)
 
 
 def _find_trial_run(client, experiment_id: str, parent_run_id: str, run_name: str):
