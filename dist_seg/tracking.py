@@ -80,14 +80,14 @@ def retry_on_conflict(call, *args, attempts: int = 5, **kwargs):
 
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
             return call(*args, **kwargs)
         except MlflowException as err:
-            if attempt == attempts - 1 or not _is_write_conflict(err):
+            if not _is_write_conflict(err):
                 raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
+            time.sleep(0.05 * attempt)
+    return call(*args, **kwargs)
 
 
 class ConflictSafeClient:
