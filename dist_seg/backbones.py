@@ -1,17 +1,26 @@
-"""Frozen DINO / DINOv2 ViT backbones (SPEC §1).
+"""Frozen DINO / DINOv2 / DINOv3 ViT backbones (SPEC §1).
 
 A backbone turns images into patch features ``[B, C, H/p, W/p]``: the final block's output tokens after
 the final LayerNorm, with the CLS and register tokens dropped. Models are built with timm and never
 downloaded unless the caller allows it. Weights come from
 
-* a local file: an official DINO / DINOv2 release file (plain state dict), a DINO training checkpoint
-  (``{"teacher": {"module.backbone.*": ...}, ...}``) or a timm / Hugging Face file (``.safetensors``,
-  ``.bin``, ``.pth``);
+* a local file: an official DINO / DINOv2 / DINOv3 release file (plain state dict), a DINO training
+  checkpoint (``{"teacher": {"module.backbone.*": ...}, ...}``) or a timm / Hugging Face file
+  (``.safetensors``, ``.bin``, ``.pth``);
 * otherwise the local Hugging Face hub cache (timm's ``timm/<model>`` repositories) or the torch hub
   checkpoint folder, where a previous download may have left the file.
 
 Every file goes through timm's own ``checkpoint_filter_fn`` (the function timm's pretrained loader
-applies), which converts DINOv2 key names and resamples ``pos_embed`` when the trained grid differs.
+applies), which converts DINOv2 / DINOv3 key names and resamples ``pos_embed`` when the trained grid differs.
+
+DINOv3 (timm's ``Eva`` with ``rope_type='dinov3'``): timm's filter drops two buffers of the official
+release files that the official model uses, so they are applied around it (:func:`_dinov3_buffers`):
+the attention's ``qkv.bias_mask`` (the official ``LinearKMaskedBias`` multiplies the qkv bias by it,
+which zeroes the key bias) and the RoPE ``rope_embed.periods`` (timm recomputes them from the base;
+the official model uses the stored ones). ``local_cls_norm`` (SAT ViT-L, ViT-7B) only ever normalises
+local-crop CLS tokens in training, so patch features never use it; timm's filter drops it too. Each
+DINOv3 name has two timm architectures: with q/v biases (``*_qkvb``, what the official files hold) and
+without (timm's files of the models whose biases ended up zero); the file decides which is built.
 
 At input sizes other than the trained one, the position embedding is interpolated exactly as the
 reference implementations do (facebookresearch/dino and dinov2: bicubic with ``scale_factor`` =
@@ -36,6 +45,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import eva as timm_eva
+from timm.models._manipulate import reinit_non_persistent_buffers
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -56,9 +67,52 @@ TOY_SEED = 0
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneSpec:
-    """A named backbone: the timm architecture (with its pretrained tag) it is built from."""
+    """A named backbone: the timm architecture (with its pretrained tag) it is built from.
+
+    Attributes:
+        timm_name: timm model with pretrained tag (for DINOv3: the architecture with q/v biases).
+        mean, std: the input normalisation the weights were trained with (part of the backbone, so no
+            recipe can pair other statistics with these weights).
+        official_file: file name of the authors' release, named in the missing-weights error (for models
+            whose timm config has no download URL: DINOv3 files come from Meta's request form).
+        timm_name_no_qkv_bias: the same network without q/v biases, built for timm files that hold none.
+    """
 
     timm_name: str
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    official_file: Optional[str] = None
+    timm_name_no_qkv_bias: Optional[str] = None
+
+    @property
+    def dinov3(self) -> bool:
+        return "_dinov3" in self.timm_name
+
+
+# SAT-493M (satellite) normalisation of the DINOv3 SAT models (timm's and the official configs).
+SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
+# name -> (timm architecture, pretrained tag, whether it has a q/v-bias variant, official file).
+_DINOV3 = {
+    "dinov3_vits16": ("vit_small_patch16_dinov3", "lvd1689m", True, "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
+    "dinov3_vits16plus": ("vit_small_plus_patch16_dinov3", "lvd1689m", True,
+                          "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"),
+    "dinov3_vitb16": ("vit_base_patch16_dinov3", "lvd1689m", True, "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"),
+    "dinov3_vitl16": ("vit_large_patch16_dinov3", "lvd1689m", True, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"),
+    "dinov3_vith16plus": ("vit_huge_plus_patch16_dinov3", "lvd1689m", True,
+                          "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"),
+    # ViT-7B has no qkv bias at all (official qkv_bias=False).
+    "dinov3_vit7b16": ("vit_7b_patch16_dinov3", "lvd1689m", False, "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"),
+    "dinov3_vitl16_sat": ("vit_large_patch16_dinov3", "sat493m", True, "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"),
+    "dinov3_vit7b16_sat": ("vit_7b_patch16_dinov3", "sat493m", False, "dinov3_vit7b16_pretrain_sat493m-a6675841.pth"),
+}
+
+
+def _dinov3_spec(arch: str, tag: str, qkv_bias: bool, official_file: str) -> BackboneSpec:
+    stats = dict(mean=SAT_MEAN, std=SAT_STD) if tag == "sat493m" else {}
+    if qkv_bias:
+        return BackboneSpec(timm_name=f"{arch}_qkvb.{tag}", timm_name_no_qkv_bias=f"{arch}.{tag}",
+                            official_file=official_file, **stats)
+    return BackboneSpec(timm_name=f"{arch}.{tag}", official_file=official_file, **stats)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -74,9 +128,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         f"dinov2_vit{s}14_reg": BackboneSpec(timm_name=f"vit_{size}_patch14_reg4_dinov2.lvd142m")
         for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
     },
+    **{name: _dinov3_spec(*args) for name, args in _DINOV3.items()},
     # A small random-init ViT for tests and the toy demo (patch 8, 64 channels, 2 blocks).
     "toy": BackboneSpec(timm_name="vit_toy"),
+    # The same size with DINOv3's architecture (RoPE, 4 registers, layer scale, masked key bias), patch 8 so
+    # that the toy recipes' 64-px crops give the toy model's 8x8 grid.
+    "toy_dinov3": BackboneSpec(timm_name="vit_small_patch16_dinov3_qkvb"),
 }
+# Random-init models for tests and demos: built from a fixed seed, never loaded from a file.
+_TOY = {"toy", "toy_dinov3"}
 
 # Hub files timm publishes for its models, in the order timm's own loader tries them.
 _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
@@ -173,27 +233,50 @@ def _reference_pos_embed(self: VisionTransformer, x: torch.Tensor) -> torch.Tens
     return self.pos_drop(x)
 
 
-def _build_timm(name: str, *, empty: bool = False) -> VisionTransformer:
-    """The timm model for ``name``; ``empty=True`` skips the random init (weights are loaded next)."""
+def _build_timm(name: str, *, empty: bool = False, timm_name: Optional[str] = None) -> nn.Module:
+    """The timm model for ``name``; ``empty=True`` skips the random init (weights are loaded next).
+
+    Args:
+        name: a :data:`BACKBONES` name.
+        empty: allocate without the random init (non-persistent buffers such as RoPE periods are still
+            computed by timm).
+        timm_name: build this timm architecture instead of the spec's (a DINOv3 file without q/v biases).
+    """
     spec = BACKBONES[name]
-    if name == "toy":
+    timm_name = timm_name or spec.timm_name
+    if name in _TOY:
         # Seeded without touching the global RNG, so building a backbone never changes a run's randomness.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TOY_SEED)
-            model = VisionTransformer(
-                img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
-            )
+            if name == "toy":
+                model = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                          num_classes=0, dynamic_img_size=True)
+            else:
+                # Layer scale 0.1, not DINOv3's 1e-5 init: untrained blocks would otherwise be near-identities.
+                model = timm.create_model(timm_name, pretrained=False, img_size=64, patch_size=8, embed_dim=64,
+                                          depth=2, num_heads=2, init_values=0.1, num_classes=0)
+                with torch.no_grad():  # trained-looking q/v biases (timm initialises them to zero)
+                    for block in model.blocks:
+                        block.attn.q_bias.normal_(0, 0.1)
+                        block.attn.v_bias.normal_(0, 0.1)
     elif empty:
-        # Random init of a ViT-B/g takes seconds and is overwritten anyway; every parameter is then
-        # checked to be present in the file before loading (ViTs have no buffers to initialise).
+        # Random init of a ViT-B/g takes seconds and is overwritten anyway; every parameter and persistent
+        # buffer is then checked to be present in the file before loading, and the non-persistent buffers
+        # (RoPE periods, a zero key bias) are computed by timm's own initialiser.
         with torch.device("meta"):
-            model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
-        if any(True for _ in model.buffers()):  # pragma: no cover - timm ViTs have none today
-            raise RuntimeError(f"{spec.timm_name} has buffers that an empty build would leave uninitialised")
+            model = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
         model = model.to_empty(device="cpu")
+        reinit_non_persistent_buffers(model)
+        owners = {n for n, m in model.named_modules() if hasattr(m, "init_non_persistent_buffers")}
+        persistent = set(model.state_dict())
+        orphans = [b for b, _ in model.named_buffers()
+                   if b not in persistent and b.rpartition(".")[0] not in owners]
+        if orphans:  # pragma: no cover - a timm change that adds buffers nobody initialises
+            raise RuntimeError(f"{timm_name} has buffers that an empty build would leave uninitialised: {orphans}")
     else:
-        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
-    model._pos_embed = types.MethodType(_reference_pos_embed, model)
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    if isinstance(model, VisionTransformer):
+        model._pos_embed = types.MethodType(_reference_pos_embed, model)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             # F.scaled_dot_product_attention; timm may have turned it off through TIMM_FUSED_ATTN.
@@ -202,56 +285,77 @@ def _build_timm(name: str, *, empty: bool = False) -> VisionTransformer:
 
 
 # ------------------------------------------------------------------------------------------ weights
+# Where the DINOv3 release files come from (Meta hands out download links through a request form).
+DINOV3_DOWNLOADS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
 def _official_url(name: str) -> Optional[str]:
-    cfg = timm.models.get_pretrained_cfg(BACKBONES[name].timm_name)
-    return getattr(cfg, "url", None) if cfg is not None else None
+    spec = BACKBONES[name]
+    if spec.official_file:
+        return spec.official_file
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    return getattr(cfg, "url", None) or None if cfg is not None else None
 
 
-def _hub_repo(name: str) -> Optional[str]:
-    cfg = timm.models.get_pretrained_cfg(BACKBONES[name].timm_name)
-    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+def _hub_repos(name: str) -> list[str]:
+    """timm's hub repositories for ``name``: the spec's architecture first, then the one without q/v bias."""
+    spec = BACKBONES[name]
+    repos = []
+    for timm_name in (spec.timm_name, spec.timm_name_no_qkv_bias):
+        cfg = timm.models.get_pretrained_cfg(timm_name) if timm_name else None
+        if cfg is not None and getattr(cfg, "hf_hub_id", None):
+            repos.append(cfg.hf_hub_id)
+    return repos
 
 
 def _find_cached(name: str) -> Optional[Path]:
     """A weights file for ``name`` already on disk (HF hub cache, then torch hub checkpoints), or None."""
-    repo = _hub_repo(name)
-    if repo:
+    repos = _hub_repos(name)
+    if repos:
         from huggingface_hub import try_to_load_from_cache
 
-        for filename in _HUB_FILENAMES:
-            found = try_to_load_from_cache(repo, filename)
-            if isinstance(found, str) and os.path.isfile(found):
-                return Path(found)
+        for repo in repos:
+            for filename in _HUB_FILENAMES:
+                found = try_to_load_from_cache(repo, filename)
+                if isinstance(found, str) and os.path.isfile(found):
+                    return Path(found)
     url = _official_url(name)
     if url:
+        # torch.hub.load (the official loaders) keeps release files in <hub dir>/checkpoints/<file name>.
         candidate = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
         if candidate.is_file():
             return candidate
     return None
 
 
+def _where_to_get(name: str) -> str:
+    url = _official_url(name)
+    return f"{url} (from {DINOV3_DOWNLOADS})" if BACKBONES[name].dinov3 else str(url)
+
+
 def _download(name: str, key: str = "backbone.weights") -> Path:
     from huggingface_hub import hf_hub_download
 
-    repo = _hub_repo(name)
-    if not repo:  # pragma: no cover - every named model has a hub repository
+    repos = _hub_repos(name)
+    if not repos:  # pragma: no cover - every named model has a hub repository
         raise BackboneWeightsError(f"no hub repository is known for {name!r}; pass weights=PATH")
     try:
-        return Path(hf_hub_download(repo, _HUB_FILENAMES[0]))
+        return Path(hf_hub_download(repos[0], _HUB_FILENAMES[0]))
     except Exception as err:  # network or hub errors: say what to do instead
         raise BackboneWeightsError(
-            f"downloading {name!r} weights from huggingface.co/{repo} failed ({type(err).__name__}: {err}). "
-            f"Download {_official_url(name)} yourself and pass it as {key}=PATH."
+            f"downloading {name!r} weights from huggingface.co/{repos[0]} failed ({type(err).__name__}: {err}). "
+            f"Download {_where_to_get(name)} yourself and pass it as {key}=PATH."
         ) from None
 
 
 def _missing_weights_message(name: str, key: str = "backbone.weights") -> str:
-    repo, url = _hub_repo(name), _official_url(name)
+    repos = _hub_repos(name)
     return (
         f"no local weights for backbone {name!r} (timm '{BACKBONES[name].timm_name}') and downloading is off. "
         f"Pass the weights file as the config override {key}=PATH (load_backbone(..., weights=PATH) "
-        f"in Python); the official release file is {url}, timm's is model.safetensors from "
-        f"https://huggingface.co/{repo}. Or set backbone.allow_download=true to fetch it from the Hugging Face hub."
+        f"in Python); the official release file is {_where_to_get(name)}, timm's is model.safetensors from "
+        f"https://huggingface.co/{repos[0] if repos else '?'}. Or set backbone.allow_download=true to fetch it "
+        f"from the Hugging Face hub."
     )
 
 
@@ -310,16 +414,73 @@ def _mismatch(name: str, path: Path, what: str, details: list[str]) -> BackboneW
     )
 
 
-def _load_weights(model: VisionTransformer, name: str, path: Path) -> None:
-    state = normalize_state_dict(_read_file(path))
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    return normalize_state_dict(_read_file(path))
+
+
+def _timm_name_for(name: str, state: Mapping) -> str:
+    """The timm architecture for a file: a DINOv3 file without any q/v bias gets the variant without them."""
+    spec = BACKBONES[name]
+    if spec.timm_name_no_qkv_bias and not any(k.endswith(("attn.qkv.bias", "attn.q_bias")) for k in state):
+        return spec.timm_name_no_qkv_bias
+    return spec.timm_name
+
+
+def _dinov3_buffers(name: str, path: Path, state: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """Apply the official DINOv3 buffers that timm's ``checkpoint_filter_fn`` drops.
+
+    An official file (``storage_tokens``, timm's own test for the format) holds, per block,
+    ``attn.qkv.bias_mask``: the official ``LinearKMaskedBias`` uses ``bias * bias_mask`` as the qkv bias.
+    timm keeps the q and v thirds of the raw bias and fixes the key bias at zero, which is the same only
+    while the mask is exactly (1, 0, 1); here the mask is multiplied in first and the key third kept, so
+    any mask gives the official result (the key bias matters under RoPE: keys are rotated per position).
+    The file's ``rope_embed.periods`` are returned to replace timm's recomputed ones (release files store
+    them rounded to bf16, so they differ from the formula in the last bits).
+
+    Returns:
+        ``(state, periods, key_biases)``: the state with masked biases, the file's periods (None for a
+        timm file), and the masked key bias of each attention module by module name.
+
+    Raises:
+        BackboneWeightsError: an official-format file without a buffer the official model requires.
+    """
+    if "storage_tokens" not in state:
+        return state, None, {}
+    state = dict(state)
+    missing = [k + "_mask" for k in state if k.endswith("attn.qkv.bias") and k + "_mask" not in state]
+    if "rope_embed.periods" not in state:
+        missing.insert(0, "rope_embed.periods")
+    if missing:
+        raise _mismatch(name, path, "missing keys", missing)
+    periods = state.pop("rope_embed.periods")
+    key_biases = {}
+    for key in [k for k in state if k.endswith("attn.qkv.bias")]:
+        bias = state[key].float() * state.pop(key + "_mask").float()
+        state[key] = bias
+        key_biases[key[: -len(".qkv.bias")]] = bias.chunk(3)[1]
+    return state, periods, key_biases
+
+
+def _load_weights(model: nn.Module, name: str, path: Path, state: Optional[dict] = None) -> None:
+    state = _read_state(path) if state is None else state
     patch = state.get("patch_embed.proj.weight")
     expected_patch = tuple(model.patch_embed.proj.weight.shape)
     # timm's filter would silently resample a kernel of another patch size: refuse that instead.
     if patch is not None and patch.ndim == 4 and tuple(patch.shape) != expected_patch:
         raise _mismatch(name, path, "patch embedding shape differs",
                         [f"patch_embed.proj.weight {tuple(patch.shape)} != {expected_patch}"])
+    periods, key_biases = None, {}
+    if isinstance(model, timm_eva.Eva):
+        state, periods, key_biases = _dinov3_buffers(name, path, state)
+        if key_biases and model.blocks[0].attn.q_bias is None:
+            # timm's filter would drop the biases silently (the target has none): refuse instead.
+            raise _mismatch(name, path, "unexpected keys", [f"{k}.qkv.bias" for k in key_biases])
+        filter_fn = timm_eva.checkpoint_filter_fn
+    else:
+        filter_fn = checkpoint_filter_fn
     try:
-        state = checkpoint_filter_fn(dict(state), model)
+        state = filter_fn(dict(state), model)
     except Exception as err:
         raise _mismatch(name, path, "timm could not convert it", [f"{type(err).__name__}: {err}"]) from None
     expected = model.state_dict()
@@ -331,9 +492,16 @@ def _load_weights(model: VisionTransformer, name: str, path: Path) -> None:
         raise _mismatch(name, path, "unexpected keys", unexpected)
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
              for k, v in expected.items() if state[k].shape != v.shape]
+    if periods is not None and tuple(periods.shape) != tuple(model.rope.periods.shape):
+        wrong.append(f"rope_embed.periods {tuple(periods.shape)} != {tuple(model.rope.periods.shape)}")
     if wrong:
         raise _mismatch(name, path, "shape mismatch", wrong)
     model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        if periods is not None:
+            model.rope.periods.copy_(periods)
+        for module_name, key_bias in key_biases.items():
+            model.get_submodule(module_name).k_bias.copy_(key_bias)
 
 
 # ------------------------------------------------------------------------------------------ module
@@ -341,15 +509,21 @@ class Backbone(nn.Module):
     """A frozen ViT that returns patch features.
 
     Attributes:
-        name: the backbone name (``dino_vits8``, ``dinov2_vitb14``, ``toy``, ...).
+        name: the backbone name (``dino_vits8``, ``dinov2_vitb14``, ``dinov3_vitb16``, ``toy``, ...).
         patch_size: side of a patch in pixels.
         embed_dim: number of feature channels C.
-        weights_id: sha256 of the weights file, or ``random-init-seed<N>`` for the toy model.
+        weights_id: sha256 of the weights file, or ``random-init-seed<N>`` for the toy models.
+        mean, std: ``[1, 3, 1, 1]`` input normalisation of the backbone's weights (the spec's; ImageNet
+            statistics for a name outside :data:`BACKBONES`).
         autocast_dtype: dtype used under autocast on CUDA (None = fp32).
     """
 
-    def __init__(self, model: VisionTransformer, *, name: str, weights_id: str, dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: nn.Module, *, name: str, weights_id: str, dtype: Optional[torch.dtype] = None,
+                 mean: Optional[tuple[float, float, float]] = None, std: Optional[tuple[float, float, float]] = None):
         super().__init__()
+        spec = BACKBONES.get(name)
+        mean = mean or (spec.mean if spec else IMAGENET_DEFAULT_MEAN)
+        std = std or (spec.std if spec else IMAGENET_DEFAULT_STD)
         self.model = model
         self.name = name
         self.weights_id = weights_id
@@ -357,8 +531,9 @@ class Backbone(nn.Module):
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.embed_dim = int(model.embed_dim)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
-        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
+        # The normalisation the weights were trained with (SAT-493M models have their own).
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
 
@@ -423,8 +598,9 @@ class Backbone(nn.Module):
 
         They are read with a forward hook on the timm block's own ``attn.qkv`` projection, i.e. the linear
         map of ``norm1(tokens)`` with its bias, before the ``d^-1/2`` scale (and before any q/k norm, which
-        DINO models do not have). Input preparation (normalisation, position-embedding interpolation) is
-        that of :meth:`patch_features`.
+        DINO models do not have; for DINOv3, before the RoPE rotation of the patch tokens, with the masked
+        key bias). Input preparation (normalisation, position-embedding interpolation) is that of
+        :meth:`patch_features`.
 
         Args:
             images: as for :meth:`patch_features`.
@@ -437,7 +613,16 @@ class Backbone(nn.Module):
         x = self._prepare(images)
         attn = self.model.blocks[-1].attn
         captured: list[torch.Tensor] = []
-        handle = attn.qkv.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        if isinstance(self.model, timm_eva.Eva):
+            # timm's DINOv3 attention adds its q/k/v biases in F.linear, outside the qkv module: capture the
+            # attention's input (norm1 of the tokens) and apply the projection with those biases.
+            def project(_module, inputs):
+                bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                captured.append(F.linear(inputs[0], attn.qkv.weight, bias))
+
+            handle = attn.register_forward_pre_hook(project)
+        else:
+            handle = attn.qkv.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
         use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
         try:
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
@@ -469,7 +654,7 @@ def load_backbone(
 
     Args:
         name: one of :data:`BACKBONES` (``dino_vits8``, ``dino_vitb8``, ``dinov2_vits14``,
-            ``dinov2_vits14_reg``, ..., ``toy``).
+            ``dinov2_vits14_reg``, ``dinov3_vits16``, ``dinov3_vitl16_sat``, ..., ``toy``, ``toy_dinov3``).
         weights: path of a weights file (official release, DINO training checkpoint, timm/HF file).
             ``None``: the local hub cache, then (only with ``allow_download``) the Hugging Face hub.
             Ignored sources never lead to random weights for a named DINO model.
@@ -488,18 +673,19 @@ def load_backbone(
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     autocast_dtype = resolve_dtype(dtype)
-    model = _build_timm(name, empty=name != "toy")
+    if name in _TOY and weights is None:
+        return Backbone(_build_timm(name), name=name, weights_id=f"random-init-seed{TOY_SEED}", dtype=autocast_dtype)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise BackboneWeightsError(f"backbone weights file not found: {path} (check {weights_key})")
-    elif name == "toy":
-        return Backbone(model, name=name, weights_id=f"random-init-seed{TOY_SEED}", dtype=autocast_dtype)
     else:
         path = _find_cached(name)
         if path is None:
             if not allow_download:
                 raise BackboneWeightsError(_missing_weights_message(name, weights_key))
             path = _download(name, weights_key)
-    _load_weights(model, name, path)
+    state = _read_state(path)
+    model = _build_timm(name, empty=name not in _TOY, timm_name=_timm_name_for(name, state))
+    _load_weights(model, name, path, state)
     return Backbone(model, name=name, weights_id=_sha256(path), dtype=autocast_dtype)
