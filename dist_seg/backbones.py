@@ -633,7 +633,7 @@ class Backbone(nn.Module):
             raise RuntimeError(f"the last block's qkv projection ran {len(captured)} times, expected once")
         qkv = captured[0].float()
         batch, tokens, _ = qkv.shape
-        qkv = qkv.reshape(batch, tokens, 3, int(attn.num_heads), int(attn.head_dim)).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(batch, tokens, 3, int(attn.num_heads), -1).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1]
 
     @torch.no_grad()
