@@ -4,7 +4,8 @@ The official code (facebookresearch/dinov3) is under its own licence and is not 
 pass the path of a checkout. For each model, the official network is built with its hub constructor
 (``pretrained=False``), every parameter and buffer is given non-trivial random values (biases, layer
 scales, norms, tokens, the local CLS norm, the RoPE periods; the key-bias mask in its released pattern
-(1, 0, 1) and, with ``--random-mask``, an arbitrary 0/1 pattern), its ``state_dict()`` is saved exactly as
+(1, 0, 1) and, with ``--random-mask``, an arbitrary 0/1 pattern; ``--release-periods`` keeps the periods
+at the bf16-rounded formula values the releases hold instead of perturbing them), its ``state_dict()`` is saved exactly as
 the release files are (a plain ``torch.save``), and ``load_backbone(name, weights=FILE).patch_features``
 is compared with the official ``forward_features(x)["x_norm_patchtokens"]`` on the same images.
 
@@ -43,11 +44,12 @@ def _official_model(official: Path, name: str) -> torch.nn.Module:
     from dinov3.hub import backbones as hub  # noqa: PLC0415 - the user's checkout, imported on demand
 
     fn, weights, _ = MODELS[name]
+    torch.manual_seed(0)  # the official init draws the weight matrices from the global generator
     # pretrained=False runs the official init; weights=SAT493M turns on the SAT ViT-L's local CLS norm.
     return getattr(hub, fn)(pretrained=False, weights=getattr(hub.Weights, weights)).eval()
 
 
-def _randomise(model: torch.nn.Module, seed: int, random_mask: bool) -> None:
+def _randomise(model: torch.nn.Module, seed: int, random_mask: bool, release_periods: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, value in model.state_dict().items():
@@ -58,8 +60,10 @@ def _randomise(model: torch.nn.Module, seed: int, random_mask: bool) -> None:
                 else:  # the released pattern: q and v biases kept, key bias zeroed
                     assert value[: value.numel() // 3].eq(1).all() and value[value.numel() // 3: 2 * value.numel() // 3].eq(0).all()
             elif key.endswith("periods"):
-                # Perturbed, so the check fails if the file's periods were replaced by the formula's.
-                value.mul_(1 + 0.2 * torch.rand(value.shape, generator=gen))
+                if release_periods:  # the formula's values rounded to bf16, as the release files store them
+                    value.copy_(value.bfloat16().float())
+                else:  # perturbed, so the check fails if the file's periods were replaced by the formula's
+                    value.mul_(1 + 0.2 * torch.rand(value.shape, generator=gen))
             elif "gamma" in key:  # layer scales: trained values are far from the 1e-5 init
                 value.copy_(0.3 + 0.2 * noise)
             elif key.endswith("norm.weight") or ".norm1.weight" in key or ".norm2.weight" in key:
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=sorted(MODELS))
     parser.add_argument("--sizes", nargs="+", default=["224x224", "320x320", "448x320"], help="HxW")
     parser.add_argument("--random-mask", action="store_true", help="an arbitrary 0/1 key-bias mask pattern")
+    parser.add_argument("--release-periods", action="store_true",
+                        help="RoPE periods as the release files hold them (bf16-rounded formula) instead of perturbed")
     parser.add_argument("--tol", type=float, default=1e-4)
     args = parser.parse_args(argv)
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     for name in args.models:
         official = _official_model(args.official, name)
-        _randomise(official, seed=0, random_mask=args.random_mask)
+        _randomise(official, seed=0, random_mask=args.random_mask, release_periods=args.release_periods)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}_official.pth"
             torch.save(official.state_dict(), path)
