@@ -33,7 +33,7 @@ def _small(root: Path, out: Path, *extra: str) -> list[str]:
             "tracking.enabled=false", *extra]
 
 
-def test_toy_stego_run_and_raw_baseline_on_a_dinov3_backbone(toy_root, tmp_path, capsys):
+def test_toy_stego_run_and_baselines_on_a_dinov3_backbone(toy_root, tmp_path, capsys):
     from dist_seg.trainer import load_latest_checkpoint
     from dist_seg.config import RunConfig, merge
 
@@ -51,12 +51,15 @@ def test_toy_stego_run_and_raw_baseline_on_a_dinov3_backbone(toy_root, tmp_path,
     assert meta["backbone"] == "toy_dinov3" and meta["weights_id"] == "random-init-seed0"
 
     capsys.readouterr()
-    code = cli.main(["eval", "--baselines", "raw", "--recipe", RECIPE, "--out", str(tmp_path / "base"), *overrides])
+    code = cli.main(["eval", "--baselines", "raw", "pca", "rp", "--recipe", RECIPE, "--out", str(tmp_path / "base"),
+                     *overrides])
     assert code == 0
-    line = next((ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("baseline raw")), None)
-    assert line is not None
-    numbers = [float(x) for x in line[len("baseline raw"):].split()]
-    assert len(numbers) == 4 and all(0 <= x <= 100 for x in numbers), line
+    out = capsys.readouterr().out
+    for row in ("baseline raw", "baseline pca", "baseline rp"):
+        line = next((ln for ln in out.splitlines() if ln.startswith(row)), None)
+        assert line is not None, f"missing row {row} in:\n{out}"
+        numbers = [float(x) for x in line[len(row):].split()]
+        assert len(numbers) == 4 and all(0 <= x <= 100 for x in numbers), line
 
 
 def test_extract_refuses_a_cache_of_another_backbone(toy_root, tmp_path, capsys):
