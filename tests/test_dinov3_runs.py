@@ -34,8 +34,8 @@ def _small(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_toy_stego_run_and_baselines_on_a_dinov3_backbone(toy_root, tmp_path, capsys):
-    from dist_seg.trainer import load_latest_checkpoint
     from dist_seg.config import RunConfig, merge
+    from dist_seg.trainer import load_latest_checkpoint
 
     out = tmp_path / "run"
     overrides = _small(toy_root, out, "backbone.name=toy_dinov3", "train.num_steps=3", "train.checkpoint_every=3")

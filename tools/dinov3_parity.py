@@ -5,9 +5,10 @@ pass the path of a checkout. For each model, the official network is built with 
 (``pretrained=False``), every parameter and buffer is given non-trivial random values (biases, layer
 scales, norms, tokens, the local CLS norm, the RoPE periods; the key-bias mask in its released pattern
 (1, 0, 1) and, with ``--random-mask``, an arbitrary 0/1 pattern; ``--release-periods`` keeps the periods
-at the bf16-rounded formula values the releases hold instead of perturbing them), its ``state_dict()`` is saved exactly as
-the release files are (a plain ``torch.save``), and ``load_backbone(name, weights=FILE).patch_features``
-is compared with the official ``forward_features(x)["x_norm_patchtokens"]`` on the same images.
+at the bf16-rounded formula values the releases hold instead of perturbing them), its ``state_dict()`` is
+saved exactly as the release files are (a plain ``torch.save``), and
+``load_backbone(name, weights=FILE).patch_features`` is compared with the official
+``forward_features(x)["x_norm_patchtokens"]`` on the same images.
 
     python tools/dinov3_parity.py --official /path/to/dinov3 [--models dinov3_vits16 ...] [--sizes 224x224 ...]
 
@@ -58,7 +59,8 @@ def _randomise(model: torch.nn.Module, seed: int, random_mask: bool, release_per
                 if random_mask:
                     value.copy_((torch.rand(value.shape, generator=gen) < 0.5).float())
                 else:  # the released pattern: q and v biases kept, key bias zeroed
-                    assert value[: value.numel() // 3].eq(1).all() and value[value.numel() // 3: 2 * value.numel() // 3].eq(0).all()
+                    third = value.numel() // 3
+                    assert value[:third].eq(1).all() and value[third: 2 * third].eq(0).all()
             elif key.endswith("periods"):
                 if release_periods:  # the formula's values rounded to bf16, as the release files store them
                     value.copy_(value.bfloat16().float())
