@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+# This checkout's dist_seg, not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 # The official README's input normalisation (LVD-1689M: ImageNet; SAT-493M: its own), kept here rather
 # than read from dist_seg so that a wrong spec would show.
 NORMALISATION = {"LVD1689M": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
