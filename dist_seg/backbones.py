@@ -36,6 +36,7 @@ import hashlib
 import math
 import os
 import types
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,7 +368,10 @@ def _read_file(path: Path) -> Mapping:
     try:
         # DINO training checkpoints also pickle their argparse.Namespace of arguments.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # Memory-mapped where the file allows it (torch.save's zip format): a ViT-7B file is 25 GiB, and
+            # mapped it is file cache the kernel can drop, not a second private copy beside the model it fills.
+            mmap = zipfile.is_zipfile(path)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise BackboneWeightsError(
             f"cannot read weights from {path} ({type(err).__name__}: {str(err).splitlines()[0]}). Expected a "

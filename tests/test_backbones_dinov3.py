@@ -362,3 +362,12 @@ def test_last_attention_qk_of_a_dinov3_model():
     assert torch.allclose(q, qkv[:, :, 0].transpose(1, 2), atol=1e-5)
     assert torch.allclose(k, qkv[:, :, 1].transpose(1, 2), atol=1e-5)
     assert not torch.allclose(q, k)
+
+
+def test_legacy_format_files_load_like_zip_files(vits16, tmp_path):
+    """Zip-format files (torch.save's default) are read memory-mapped; the pre-1.6 format cannot be and loads too."""
+    state, _, backbone = vits16
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = load_backbone("dinov3_vits16", weights=tmp_path / "legacy.pth")
+    images = _images(1, 32, 32)
+    assert torch.equal(legacy.patch_features(images), backbone.patch_features(images))
