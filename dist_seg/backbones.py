@@ -475,6 +475,12 @@ def _load_weights(model: nn.Module, name: str, path: Path, state: Optional[dict]
         raise _mismatch(name, path, "patch embedding shape differs",
                         [f"patch_embed.proj.weight {tuple(patch.shape)} != {expected_patch}"])
     periods, key_biases = None, {}
+    if any(k.startswith("embeddings.patch_embeddings.") for k in state):
+        # facebook/dinov3-* (and facebook/dinov2-*) repositories on the hub hold transformers-format weights.
+        raise BackboneWeightsError(
+            f"{path} holds Hugging Face transformers weights (embeddings.*, layer.*), which {name!r} does not "
+            f"read: pass the official release file ({_official_url(name)}) or timm's model.safetensors "
+            f"(https://huggingface.co/{(_hub_repos(name) or ['?'])[0]})")
     if isinstance(model, timm_eva.Eva):
         state, periods, key_biases = _dinov3_buffers(name, path, state)
         if key_biases and model.blocks[0].attn.q_bias is None:

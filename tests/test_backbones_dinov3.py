@@ -246,6 +246,11 @@ def test_file_of_another_architecture_is_the_one_line_error(vits16, tmp_path):
         load_backbone("dinov3_vits16plus", weights=path)
     with pytest.raises(BackboneWeightsError, match=r"dino_vits16.*(missing|unexpected) keys"):
         load_backbone("dino_vits16", weights=path)
+    torch.save({"embeddings.cls_token": torch.zeros(1, 1, 384), "embeddings.patch_embeddings.weight":
+                torch.zeros(384, 3, 16, 16), "layer.0.attention.q_proj.weight": torch.zeros(384, 384)},
+               tmp_path / "transformers.pth")
+    with pytest.raises(BackboneWeightsError, match=r"transformers weights.*dinov3_vits16_pretrain_lvd1689m"):
+        load_backbone("dinov3_vits16", weights=tmp_path / "transformers.pth")
     dinov2 = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict()
     torch.save(dinov2, tmp_path / "dinov2.pth")
     with pytest.raises(BackboneWeightsError, match=r"dinov3_vits16.*patch_embed\.proj\.weight"):
