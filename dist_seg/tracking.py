@@ -602,7 +602,7 @@ COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 DEFAULT_COLUMNS = tuple(COLUMNS)
 # Parameters that differ between any two runs but say nothing about the model.
-NOISY_PARAMS = ("train.output_dir", "tracking.", "sweep.")
+NOISY_PARAMS = ("train.output_dir", "tracking.", "sweep.", "space.")
 # Config sections that belong to one method (cfg.method): shown only for that method's runs.
 METHOD_SECTIONS = ("stego", "ds2dl", "baseline")
 PARENT_TAG = "tags.mlflow.parentRunId"
@@ -770,7 +770,7 @@ def differing_params(rows: Sequence, *, all_params: bool = False) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys.extend(c for c in row.index if c.startswith("params.") and c not in keys)
-    # A sweep's parent run logs only sweep.* params: it must not make every trial parameter look different.
+    # A sweep's parent run logs only sweep.* / space.* params: it must not make every trial parameter look different.
     rows = [r for r in rows if any(not _missing(r.get(c)) for c in keys
                                    if not c[len("params."):].startswith(NOISY_PARAMS))]
     out = []
