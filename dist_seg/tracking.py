@@ -331,6 +331,8 @@ class Tracker:
             previous = None
         all_tags = {"mlflow.source.name": source_name(), "mlflow.source.type": "LOCAL",
                     **git_tags(Path(__file__).resolve().parent), **dict(tags), **extra_tags}
+        # The model says where it comes from as the run does (else MLflow names the process: Ray's worker).
+        self._source_tags = {k: v for k, v in all_tags.items() if k.startswith("mlflow.source.") or k == "git.dirty"}
         unset = sorted(k for k, v in dict(params).items() if v is None)
         if unset:
             all_tags[UNSET_PARAMS_TAG] = ", ".join(unset)[:4900]
@@ -528,12 +530,29 @@ class Tracker:
                 pip_requirements=requirements, registered_model_name=self.cfg.register_model or None,
                 metadata={"checkpoint": Path(checkpoint).name, "dist_seg_source": "dist_seg/serving.py"},
                 step=checkpoint_step(checkpoint),
-                tags={**self.model_tags, "checkpoint": Path(checkpoint).name})
+                tags={**self._source_tags, **self.model_tags, "checkpoint": Path(checkpoint).name,
+                      "mlflow.note.content": self._model_description(checkpoint)})
         self.model_uri = info.model_uri
         self.model_id = info.model_id
         self._mlflow.set_tags({"model_uri": info.model_uri, "model_id": info.model_id})
         return info.model_uri
 
+
+    def _model_description(self, checkpoint: str | Path) -> str:
+        """What the model page says: what it is, where it comes from, its scores."""
+        run = self._mlflow.active_run()
+        tags = self.model_tags
+        text = (f"{tags.get('method', 'dist_seg')} segmentation model on {tags.get('dataset', 'its dataset')} "
+                f"(backbone {tags.get('backbone', '?')}): checkpoint {Path(checkpoint).name} of run "
+                f"'{run.info.run_name if run else self.run_id}'")
+        if "sweep.name" in tags:
+            text += f", trial {tags.get('sweep.trial_id')} of sweep '{tags['sweep.name']}'"
+        scores = {k: v for k, v in self._held.items() if k.startswith("final/")}
+        if scores:
+            data = f" on {self._eval_dataset.name}" if self._eval_dataset is not None else ""
+            text += ". Scores" + data + ": " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(scores.items()))
+        return text + (". A pyfunc: mlflow.pyfunc.load_model(<this model's URI>).predict(uint8 RGB images "
+                       "[N, H, W, 3]) returns class ids [N, H, W], as dist-seg predict does.")
 
     def _end_at_exit(self) -> None:
         if self.run_id is not None and self._mlflow.active_run() is not None:

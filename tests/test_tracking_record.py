@@ -281,6 +281,8 @@ def test_logged_models_carry_their_scores_and_the_best_is_the_runs_best(toy_run,
         run = mlflow.get_run(model.source_run_id)
         assert model.name == "stego-toy-toy", "named <method>-<backbone>-<dataset>"
         assert model.tags["method"] == "stego" and model.tags["checkpoint"] == "step-00000002.pt", model.tags
+        assert model.tags["mlflow.source.name"] == run.data.tags["mlflow.source.name"], "logged from the recipe"
+        assert "final/cluster_mIoU" in model.tags["mlflow.note.content"], "the model page describes it"
         scores = {m.key: m for m in model.metrics}
         final = scores["final/cluster_mIoU"]
         assert final.value == run.data.metrics["final/cluster_mIoU"], "the run's final score, linked to its model"

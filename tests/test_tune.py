@@ -416,6 +416,8 @@ def test_sweep_started_elsewhere_and_plain_runs_lists_its_trials(tmp_path, monke
     assert {m.tags["sweep.trial_id"] for m in models} == set(children["tags.sweep.trial_id"])
     assert all(m.tags["sweep.name"] == "stego_toy_sweep" and m.tags["sweep.parent_run_id"] == parent["run_id"]
                for m in models)
+    assert all("(dist-seg sweep stego_toy_sweep)" in m.tags["mlflow.source.name"] for m in models), \
+        "logged from the sweep's recipe, not from Ray's worker script"
 
 
 def pd_missing(value) -> bool:
