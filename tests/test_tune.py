@@ -202,7 +202,8 @@ def test_runs_of_trials_stopped_by_the_scheduler_are_settled(tmp_path):
     names = {"a": "RUNNING", "b": "FAILED", "c": "FINISHED", "d": "RUNNING"}
     ids = {}
     for key, status in names.items():
-        run = client.create_run(exp, run_name=f"{T.TRAINABLE_NAME}_{key}", tags={MLFLOW_PARENT_RUN_ID: parent})
+        run = client.create_run(exp, run_name=f"t0{key}", tags={MLFLOW_PARENT_RUN_ID: parent, "sweep.trial_id": key,
+                                                                "sweep.name": "s"})
         ids[key] = run.info.run_id
         if status != "RUNNING":
             client.set_terminated(ids[key], status=status)
