@@ -551,7 +551,8 @@ class Tracker:
         if scores:
             data = f" on {self._eval_dataset.name}" if self._eval_dataset is not None else ""
             text += ". Scores" + data + ": " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(scores.items()))
-        return text + (". A pyfunc: mlflow.pyfunc.load_model(<this model's URI>).predict(uint8 RGB images "
+        # No angle brackets: the web UI renders the description as Markdown.
+        return text + ('. A pyfunc: mlflow.pyfunc.load_model("models:/" + its Model ID).predict(uint8 RGB images '
                        "[N, H, W, 3]) returns class ids [N, H, W], as dist-seg predict does.")
 
     def _end_at_exit(self) -> None:
