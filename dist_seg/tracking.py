@@ -30,6 +30,12 @@ from dist_seg.runtime import SOURCE_ENV
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_RUN_ENV = "DIST_SEG_PARENT_RUN_ID"
+# Tags (a JSON object) that a run started in this process carries from its creation on, and its model too: a
+# sweep sets {"sweep.name": ..., "sweep.trial_id": ...} for its trials.
+RUN_TAGS_ENV = "DIST_SEG_RUN_TAGS"
+# Config keys whose value is None: MLflow params are strings, so these are not logged as params (a param
+# reading "None" would compare and sort as text) but listed in this tag, from which `runs --best` restores them.
+UNSET_PARAMS_TAG = "unset_params"
 
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -39,6 +45,8 @@ METHOD_PARAM_SECTIONS: dict[str, tuple[str, ...]] = {
     "maskrcnn": ("maskdistill.detect.",), "maskdistill": ("maskdistill.distil.",),
 }
 _OWNED_SECTIONS = ("stego.", "ds2dl.", "baseline.", "maskdistill.")
+# Metrics measured on the evaluation split (they carry its dataset).
+SCORE_PREFIXES = ("val/", "final/")
 # What a pyfunc model needs to run; pinned to the versions that logged it.
 _MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "omegaconf", "scipy", "mlflow")
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -47,8 +55,10 @@ NO_PYFUNC_METHODS = ("maskrcnn",)
 EXPERIMENT_DESCRIPTION = (
     "dist_seg runs: unsupervised semantic segmentation heads (STEGO, DS2DL, MaskDistill) trained on frozen "
     "DINO features. Each run logs its parameters (common sections + its method's), the resolved config.yaml, "
-    "its dataset as an input, train/* and val/* metrics (mIoU and Acc in percent), evaluation figures and the "
-    "final model (a pyfunc: mlflow.pyfunc.load_model(uri).predict(uint8 images [N, H, W, 3]) -> label maps).")
+    "its dataset as inputs (the training split, context training; the validation split, context evaluation), "
+    "train/* and val/* metrics (mIoU and Acc in percent), evaluation figures and the final model, named "
+    "<method>-<backbone>-<dataset>, with its final/* and val/* scores linked to it (Models tab; a pyfunc: "
+    "mlflow.pyfunc.load_model(uri).predict(uint8 images [N, H, W, 3]) -> label maps).")
 
 
 def tracking_uri(cfg_uri: Optional[str] = None) -> str:
@@ -169,7 +179,74 @@ def _description(cfg) -> str:
             f"{cfg.train.num_steps} steps of {cfg.data.batch_size} crops; "
             f"output in {Path(cfg.train.output_dir).resolve()}.")
     return head + (f" Metrics: train/* every {cfg.train.log_every} steps, val/* every {cfg.train.val_every} steps "
-                   f"(mIoU, Acc, per-class IoU in percent).")
+                   f"(mIoU and Acc in percent), final/* at the end (per-class IoU in eval/final_per_class_iou.csv).")
+
+
+def model_name(method: str, backbone: str, dataset: str) -> str:
+    """The name of a run's logged model: what it is, ``<method>-<backbone>-<dataset>`` (``stego-dino_vits8-toy``)."""
+    return "-".join(str(part) for part in (method, backbone, dataset))
+
+
+def run_tags_from_env() -> dict[str, str]:
+    """The tags of :data:`RUN_TAGS_ENV` (set by a sweep for its trial processes)."""
+    text = os.environ.get(RUN_TAGS_ENV)
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except ValueError:
+        log.warning("ignoring $%s: not a JSON object (%r)", RUN_TAGS_ENV, text[:200])
+        return {}
+    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, dict) else {}
+
+
+def _dataset_class():
+    """:class:`mlflow.data.meta_dataset.MetaDataset` with a profile: a split of a prepared dataset."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ShardDataset(MetaDataset):
+        """One split of a prepared (sharded) dataset as an MLflow dataset: no data, its manifest digest, and a
+        profile of sample counts (MLflow's dataset panel shows it, where a table's profile says rows)."""
+
+        def __init__(self, source, *, name: str, digest: str, profile: Mapping[str, Any]):
+            self._profile = dict(profile)
+            super().__init__(source=source, name=name, digest=digest)
+
+        @property
+        def profile(self) -> dict[str, Any]:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    return ShardDataset
+
+
+def split_datasets(dataset: Mapping[str, Any], train_split: str, eval_split: Optional[str]) -> dict[str, Any]:
+    """The MLflow datasets of a run's data: ``{"training": <train split>, "evaluation": <eval split>}``.
+
+    Each is named ``<dataset>/<split>`` (``toy/train``, ``toy/val``) with the manifest's digest (first 16 hex
+    digits; the full sha256 is an input tag), its source the dataset folder and its profile the sample counts.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    cls = _dataset_class()
+    with warnings.catch_warnings():  # MLflow notes that a local path could be read as more than one source type
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(dataset["root"])
+    splits = dataset["splits"]
+    counts = {name: int(info["num_samples"]) for name, info in splits.items()}
+    out = {}
+    for context, split in (("training", train_split), ("evaluation", eval_split)):
+        if not split or split not in splits:
+            continue
+        info = splits[split]
+        profile = {"split": split, "num_samples": counts[split], "num_shards": int(info["num_shards"]),
+                   "has_labels": bool(info["has_labels"]), "num_classes": dataset.get("num_classes"),
+                   "samples_per_split": counts}
+        out[context] = cls(source, name=f"{dataset['name']}/{split}",
+                           digest=dataset["digest"][:16], profile=profile)
+    return out
 
 
 class Tracker:
@@ -196,20 +273,42 @@ class Tracker:
         checkpoints: folder of the run's ``step-*.pt`` checkpoints; when the run ends FINISHED the newest one
             is logged as the run's model (:meth:`log_model`).
         backbone_weights: a local backbone weights file, bundled with the model so that it serves anywhere.
+        start_step: the step training starts from (0: from scratch).
+        splits: ``(training split, evaluation split)`` of ``dataset``: logged as two dataset inputs (contexts
+            ``training`` and ``evaluation``); ``val/*`` and ``final/*`` metrics name the evaluation one.
+        model_name: the logged model's name (:func:`model_name`); ``model`` when not given.
+        model_tags: tags of the logged model (method, backbone, dataset, ...); the run's
+            :data:`RUN_TAGS_ENV` tags (a sweep's trial and sweep) are added.
+        final_step: the run's last step (``train.num_steps``): its scores are logged after the model, so that
+            MLflow links them to it with their dataset (:meth:`end`).
+
+    Tags given here, and those of :data:`RUN_TAGS_ENV`, are set when the MLflow run is created (one write), so a
+    run is never seen without them.
     """
 
     def __init__(self, cfg: TrackingConfig, *, active: bool, params: Mapping[str, Any] = (),
                  tags: Mapping[str, str] = (), run_dir: Optional[str | Path] = None, resume: bool = False,
                  description: Optional[str] = None, config_text: Optional[str] = None,
                  dataset: Optional[Mapping[str, Any]] = None, checkpoints: Optional[str | Path] = None,
-                 backbone_weights: Optional[str] = None, start_step: int = 0) -> None:
+                 backbone_weights: Optional[str] = None, start_step: int = 0,
+                 splits: tuple[str, Optional[str]] = ("train", "val"), model_name: Optional[str] = None,
+                 model_tags: Mapping[str, str] = (), final_step: Optional[int] = None) -> None:
         self.active = bool(active and cfg.enabled)
         self.run_id: Optional[str] = None
         self.cfg = cfg
         self.checkpoints = Path(checkpoints) if checkpoints else None
         self.backbone_weights = backbone_weights
         self.model_uri: Optional[str] = None
+        self.model_id: Optional[str] = None
+        self.model_name = model_name or "model"
         self._last_step: dict[str, int] = {}
+        self._eval_dataset = None
+        self.final_step = final_step
+        self._held: dict[str, float] = {}  # the scores of the final step, logged after the model (see end)
+        extra_tags = run_tags_from_env()
+        self.model_tags = {**dict(model_tags), **extra_tags}
+        if os.environ.get(PARENT_RUN_ENV):  # a sweep's trial: its model names the sweep's run too
+            self.model_tags["sweep.parent_run_id"] = os.environ[PARENT_RUN_ENV]
         if not self.active:
             return
         import mlflow
@@ -231,7 +330,12 @@ class Tracker:
                      "%s", previous.info.run_id)
             previous = None
         all_tags = {"mlflow.source.name": source_name(), "mlflow.source.type": "LOCAL",
-                    **git_tags(Path(__file__).resolve().parent), **dict(tags)}
+                    **git_tags(Path(__file__).resolve().parent), **dict(tags), **extra_tags}
+        # The model says where it comes from as the run does (else MLflow names the process: Ray's worker).
+        self._source_tags = {k: v for k, v in all_tags.items() if k.startswith("mlflow.source.") or k == "git.dirty"}
+        unset = sorted(k for k, v in dict(params).items() if v is None)
+        if unset:
+            all_tags[UNSET_PARAMS_TAG] = ", ".join(unset)[:4900]
         if previous is not None:
             run = mlflow.start_run(run_id=previous.info.run_id, log_system_metrics=system_metrics)
             self._last_step = self._logged_steps(client, previous)
@@ -246,8 +350,9 @@ class Tracker:
             all_tags["resumes"] = str(int(previous.data.tags.get("resumes", "0")) + 1)
         else:
             parent = os.environ.get(PARENT_RUN_ENV)
+            # Created with its tags: a sweep trial is never seen without sweep.trial_id / sweep.name.
             run = mlflow.start_run(run_name=cfg.run_name, parent_run_id=parent or None, nested=bool(parent),
-                                   description=description, log_system_metrics=system_metrics)
+                                   description=description, log_system_metrics=system_metrics, tags=all_tags)
         self.run_id = run.info.run_id
         # MLflow ends a still-active run as FINISHED when the process exits; a process that exits mid-run (a
         # Ray trial stopped with its sweep, sys.exit in a callback) ends it as KILLED instead (atexit: LIFO).
@@ -257,13 +362,14 @@ class Tracker:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"run_id": self.run_id, "experiment_id": experiment.experiment_id,
                                         "tracking_uri": uri}))
-        retry_on_conflict(mlflow.set_tags, all_tags)
+        if previous is not None:
+            retry_on_conflict(mlflow.set_tags, all_tags)
         if params:
             self._log_params(params, previous)
         if config_text is not None:
             mlflow.log_text(config_text, "config.yaml")
         if dataset is not None:
-            self._log_dataset(dataset)
+            self._log_dataset(dataset, splits)
 
     # -- set-up helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -299,20 +405,20 @@ class Tracker:
             # MLflow caps a param value at a few thousand characters; ours are short scalars.
             self._mlflow.log_params(values)
 
-    def _log_dataset(self, dataset: Mapping[str, Any]) -> None:
-        import pandas as pd
+    def _log_dataset(self, dataset: Mapping[str, Any], splits: tuple[str, Optional[str]]) -> None:
+        """The training and evaluation splits as dataset inputs (:func:`split_datasets`), each tagged with its
+        context (MLflow's ``mlflow.data.context``), the dataset's root and the manifest's full sha256."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        rows = [{"split": name, **info} for name, info in dataset["splits"].items()]
-        frame = pd.DataFrame(rows, columns=["split", "num_samples", "has_labels", "crop", "num_shards"])
-        with warnings.catch_warnings():  # MLflow's notes on how it reads the source path and int columns
-            warnings.simplefilter("ignore", UserWarning)
-            data = self._mlflow.data.from_pandas(frame, source=dataset["root"], name=dataset["name"],
-                                                 digest=dataset["digest"][:16])
-            retry_on_conflict(self._mlflow.log_input, data, context="training",
-                              tags={"root": dataset["root"], "manifest_sha256": dataset["digest"],
-                                    "num_classes": str(dataset.get("num_classes")),
-                                    **{f"samples.{name}": str(info["num_samples"])
-                                       for name, info in dataset["splits"].items()}})
+        found = split_datasets(dataset, *splits)
+        self._eval_dataset = found.get("evaluation")
+        inputs = [DatasetInput(data._to_mlflow_entity(),
+                               [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("root", dataset["root"]),
+                                InputTag("manifest_sha256", dataset["digest"])])
+                  for context, data in found.items()]
+        if inputs:
+            ConflictSafeClient(tracking_uri(self.cfg.uri)).log_inputs(self.run_id, inputs)
 
     @classmethod
     def for_run(cls, run_cfg, *, active: bool, tags: Mapping[str, str] = (),
@@ -327,10 +433,15 @@ class Tracker:
         images_in = run_cfg.method == "maskdistill" and run_cfg.maskdistill.distil.student == "deeplab"
         if run_cfg.method in NO_PYFUNC_METHODS or images_in:  # not what dist-seg predict (and the pyfunc) runs
             checkpoints = None
+        data_name = (dataset or {}).get("name") or run_cfg.data.dataset
         return cls(run_cfg.tracking, active=active, params=run_params(run_cfg), tags=tags,
                    run_dir=run_cfg.train.output_dir, resume=run_cfg.train.resume, description=_description(run_cfg),
                    config_text=to_yaml(run_cfg), dataset=dataset, checkpoints=checkpoints,
-                   backbone_weights=weights if weights and Path(weights).is_file() else None, start_step=start_step)
+                   backbone_weights=weights if weights and Path(weights).is_file() else None, start_step=start_step,
+                   splits=(run_cfg.data.train_split, run_cfg.data.val_split),
+                   model_name=model_name(run_cfg.method, run_cfg.backbone.name, data_name),
+                   model_tags={"method": run_cfg.method, "backbone": run_cfg.backbone.name, "dataset": data_name},
+                   final_step=run_cfg.train.num_steps)
 
     # -- logging ----------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
@@ -340,8 +451,35 @@ class Tracker:
         if step is not None and self._last_step:
             # Steps a resumed run replays were logged before the interruption (with the same values).
             clean = {k: v for k, v in clean.items() if step > self._last_step.get(k, -1)}
+        if not clean:
+            return
+        scored = {k: v for k, v in clean.items() if k.startswith(SCORE_PREFIXES)}
+        if scored and step is not None and step == self.final_step and self._will_log_model():
+            # The final checkpoint is written after the final validation, and the model after it: its scores wait
+            # for the model (end), so that MLflow links them to it, with their dataset, when they are logged.
+            self._held.update(scored)
+            clean = {k: v for k, v in clean.items() if k not in scored}
+            scored = {}
+        self._log_scored(scored, step)
+        clean = {k: v for k, v in clean.items() if k not in scored}
         if clean:
             self._mlflow.log_metrics(clean, step=step)
+
+    def _log_scored(self, scored: Mapping[str, float], step: Optional[int]) -> None:
+        """Scores, measured on the evaluation split, name its dataset: a model they are linked to (a logged
+        model at ``step``) shows which data and step they come from."""
+        if scored:
+            self._mlflow.log_metrics(dict(scored), step=step, dataset=self._eval_dataset)
+
+    def _will_log_model(self) -> bool:
+        return self.checkpoints is not None and bool(self.cfg.log_model)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, {}
+        try:
+            self._log_scored(held, self.final_step)
+        except Exception as err:  # noqa: BLE001 - the run ends in any case
+            log.warning("could not log the final scores of run %s to MLflow: %s", self.run_id, err)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.active and Path(path).exists():
@@ -354,6 +492,11 @@ class Tracker:
     def log_model(self, checkpoint: str | Path) -> Optional[str]:
         """Log ``checkpoint`` as the run's MLflow model and return its URI (registered as
         ``tracking.register_model`` when set).
+
+        The model is an MLflow 3 logged model named for what it is (``stego-dino_vits8-toy``), at the step of its
+        checkpoint: MLflow links the run's metrics of that step to it (``final/*``, ``val/*``, each naming the
+        evaluation dataset), so the experiment's Models tab and ``mlflow.search_logged_models(order_by=...)``
+        rank models by their scores. Its tags say what it is and, for a sweep's trial, which trial and sweep.
 
         The model is a models-from-code pyfunc (:mod:`dist_seg.serving`): loading it reads the checkpoint with
         ``torch.load(weights_only=True)`` and unpickles nothing; ``predict(images)`` takes uint8 RGB images
@@ -383,15 +526,38 @@ class Tracker:
             # example would load the whole model in the training process.
             warnings.simplefilter("ignore", UserWarning)
             info = self._mlflow.pyfunc.log_model(
-                name="model", python_model=str(SERVING_CODE), artifacts=artifacts, signature=signature,
+                name=self.model_name, python_model=str(SERVING_CODE), artifacts=artifacts, signature=signature,
                 pip_requirements=requirements, registered_model_name=self.cfg.register_model or None,
-                metadata={"checkpoint": Path(checkpoint).name, "dist_seg_source": "dist_seg/serving.py"})
+                metadata={"checkpoint": Path(checkpoint).name, "dist_seg_source": "dist_seg/serving.py"},
+                step=checkpoint_step(checkpoint),
+                tags={**self._source_tags, **self.model_tags, "checkpoint": Path(checkpoint).name,
+                      "mlflow.note.content": self._model_description(checkpoint)})
         self.model_uri = info.model_uri
-        self._mlflow.set_tag("model_uri", info.model_uri)
+        self.model_id = info.model_id
+        self._mlflow.set_tags({"model_uri": info.model_uri, "model_id": info.model_id})
         return info.model_uri
+
+
+    def _model_description(self, checkpoint: str | Path) -> str:
+        """What the model page says: what it is, where it comes from, its scores."""
+        run = self._mlflow.active_run()
+        tags = self.model_tags
+        text = (f"{tags.get('method', 'dist_seg')} segmentation model on {tags.get('dataset', 'its dataset')} "
+                f"(backbone {tags.get('backbone', '?')}): checkpoint {Path(checkpoint).name} of run "
+                f"'{run.info.run_name if run else self.run_id}'")
+        if "sweep.name" in tags:
+            text += f", trial {tags.get('sweep.trial_id')} of sweep '{tags['sweep.name']}'"
+        scores = {k: v for k, v in self._held.items() if k.startswith("final/")}
+        if scores:
+            data = f" on {self._eval_dataset.name}" if self._eval_dataset is not None else ""
+            text += ". Scores" + data + ": " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(scores.items()))
+        # No angle brackets: the web UI renders the description as Markdown.
+        return text + ('. A pyfunc: mlflow.pyfunc.load_model("models:/" + its Model ID).predict(uint8 RGB images '
+                       "[N, H, W, 3]) returns class ids [N, H, W], as dist-seg predict does.")
 
     def _end_at_exit(self) -> None:
         if self.run_id is not None and self._mlflow.active_run() is not None:
+            self._flush_held()
             self._mlflow.set_tag("ended_by", "the process exited before the run ended")
             self._mlflow.end_run(status="KILLED")
         self.run_id = None
@@ -406,21 +572,33 @@ class Tracker:
         atexit.unregister(self._end_at_exit)
         if status == "FAILED" and isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)):
             status = "KILLED"
-        if status == "FINISHED" and self.checkpoints is not None and self.cfg.log_model:
+        if status == "FINISHED" and self._will_log_model():
             final = sorted(self.checkpoints.glob("step-*.pt"))
             try:
                 if final:
+                    # At its checkpoint's step: MLflow links the metrics of that step to the model, and the
+                    # final scores logged next (_flush_held) with their dataset.
                     self.log_model(final[-1])
             except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why it has no model
                 log.warning("could not log the model of run %s to MLflow: %s", self.run_id, err)
                 self._mlflow.set_tag("model_error", f"{type(err).__name__}: {err}"[:4900])
+        self._flush_held()
         self._mlflow.end_run(status=status)
         self.run_id = None
 
 
 def _param_values(params: Mapping[str, Any]) -> dict[str, str]:
-    """Params as MLflow stores them (strings)."""
-    return {k: str("None" if v is None else v) for k, v in dict(params).items()}
+    """Params as MLflow stores them (strings); None values are not params (:data:`UNSET_PARAMS_TAG`)."""
+    return {k: str(v) for k, v in dict(params).items() if v is not None}
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step of a ``step-XXXXXXXX.pt`` checkpoint (0 for another name)."""
+    stem = Path(path).stem
+    try:
+        return int(stem.split("-", 1)[1]) if stem.startswith("step-") else 0
+    except ValueError:
+        return 0
 
 
 def _has(module: str) -> bool:
@@ -444,7 +622,7 @@ COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 DEFAULT_COLUMNS = tuple(COLUMNS)
 # Parameters that differ between any two runs but say nothing about the model.
-NOISY_PARAMS = ("train.output_dir", "tracking.", "sweep.")
+NOISY_PARAMS = ("train.output_dir", "tracking.", "sweep.", "space.")
 # Config sections that belong to one method (cfg.method): shown only for that method's runs.
 METHOD_SECTIONS = ("stego", "ds2dl", "baseline")
 PARENT_TAG = "tags.mlflow.parentRunId"
@@ -612,7 +790,7 @@ def differing_params(rows: Sequence, *, all_params: bool = False) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys.extend(c for c in row.index if c.startswith("params.") and c not in keys)
-    # A sweep's parent run logs only sweep.* params: it must not make every trial parameter look different.
+    # A sweep's parent run logs only sweep.* / space.* params: it must not make every trial parameter look different.
     rows = [r for r in rows if any(not _missing(r.get(c)) for c in keys
                                    if not c[len("params."):].startswith(NOISY_PARAMS))]
     out = []
@@ -812,13 +990,19 @@ def best_overrides(table, *, exclude=("data.root", "train.output_dir", "tracking
     from dist_seg.config import override_value
 
     row = table.iloc[0]
+    values = {}
+    for col in table.columns:
+        if col.startswith("params.") and not _missing(row[col]):
+            values[col[len("params."):]] = _logged_value(row[col])
+    # Keys whose value was None are not params; the run lists them in a tag.
+    unset = row.get(f"tags.{UNSET_PARAMS_TAG}")
+    for key in ([] if _missing(unset) else str(unset).split(", ")):
+        values.setdefault(key, None)
     out = []
-    for col in sorted(table.columns):
-        if col.startswith("params."):
-            key = col[len("params."):]
-            if not any(key.startswith(e) for e in exclude) and not _missing(row[col]):
-                value = _logged_value(row[col])
-                out.append(shlex.quote(f"{key}={override_value(list(value) if isinstance(value, tuple) else value)}"))
+    for key in sorted(values):
+        if not any(key.startswith(e) for e in exclude):
+            value = values[key]
+            out.append(shlex.quote(f"{key}={override_value(list(value) if isinstance(value, tuple) else value)}"))
     return out
 
 
@@ -842,6 +1026,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--csv", action="store_true", help="print every row as CSV (for scripts)")
     out.add_argument("--json", action="store_true", help="print every row as JSON (for scripts)")
     parser.add_argument("--best", action="store_true", help="print the best run's config as recipe overrides")
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="with --best: register the best run's logged model as a new version of the "
+                             "registered model NAME (mlflow.register_model)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -858,6 +1045,9 @@ def run(args: argparse.Namespace) -> int:
     except RunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.register and not args.best:
+        print("error: --register NAME registers the best run's model: add --best", file=sys.stderr)
+        return 2
     options = dict(sort=args.sort, ascending=args.ascending, columns=columns, all_params=args.all_params)
     if args.csv or args.json:
         print(export_runs(table, "json" if args.json else "csv", **options), end="" if args.csv else "\n")
@@ -870,4 +1060,40 @@ def run(args: argparse.Namespace) -> int:
         row = table[table["run_id"] == best["run_id"]]
         print(f"\n# best run: {best['run_name']} ({best['run_id']})")
         print(" ".join(best_overrides(row)))
+        if args.register:
+            try:
+                version = register_best(best["run_id"], args.register, uri=args.uri)
+            except RunsError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            print(f"# registered {version.source} as models:/{args.register}/{version.version}")
     return 0
+
+
+def run_model(run_id: str, *, uri: Optional[str] = None):
+    """The logged model a run produced (MLflow 3 ``LoggedModel``; the newest when there are several), or None."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    run = mlflow.get_run(run_id)
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+                                        output_format="list")
+    return found[0] if found else None
+
+
+def register_best(run_id: str, name: str, *, uri: Optional[str] = None):
+    """Register the logged model of run ``run_id`` as a new version of ``name`` (``mlflow.register_model``).
+
+    Raises:
+        RunsError: the run logged no model (it did not finish, or ``tracking.log_model`` was off).
+    """
+    import mlflow
+
+    model = run_model(run_id, uri=uri)
+    if model is None:
+        status = mlflow.get_run(run_id).info.status
+        raise RunsError(f"the best run {run_id} ({status}) has no logged model to register: only runs that "
+                        f"finished log one (pick another with --filter \"status = 'FINISHED'\")")
+    return mlflow.register_model(f"models:/{model.model_id}", name)

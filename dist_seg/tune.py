@@ -46,6 +46,7 @@ from dist_seg.sweeps.runs import (  # noqa: F401
     absolute_tracking_uri,
     mark_interrupted,
     reconcile_runs,
+    trial_tags,
 )
 from dist_seg.sweeps.spec import (  # noqa: F401
     DISTRIBUTIONS,
@@ -71,6 +72,8 @@ from dist_seg.sweeps.spec import (  # noqa: F401
     parse_sweep,
     recipe_path,
     recipe_search_dirs,
+    space_params,
+    trial_name,
     trial_overrides,
 )
 
@@ -131,7 +134,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """
     from ray import tune
 
-    from dist_seg.tracking import PARENT_RUN_ENV
+    from dist_seg.tracking import PARENT_RUN_ENV, RUN_TAGS_ENV
 
     # Relative paths of the recipe (data.root, ...) mean what they meant to the driver. Ray starts trial
     # processes in the directory where the cluster was started, which may differ from the driver's.
@@ -142,6 +145,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     output_dir = _trial_output_dir()
     overrides = trial_overrides(ctx, config, output_dir=output_dir, run_name=run_name)
     os.environ[PARENT_RUN_ENV] = ctx.parent_run_id
+    # The trial's MLflow run is created with these tags (and its model carries them).
+    os.environ[RUN_TAGS_ENV] = json.dumps(trial_tags(ctx, trial_id))
     os.environ[SOURCE_ENV] = f"{ctx.recipe or 'recipe'} (dist-seg sweep {ctx.sweep_name})"
     _restore_from_tune_checkpoint(output_dir)
     reported: list[int] = []
@@ -249,6 +254,8 @@ def _train_with_workers(cfg: RunConfig, ctx: TrialContext, run_name: str) -> Non
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from dist_seg.tracking import RUN_TAGS_ENV
+
     gpu = ctx.resources.get("gpu", 0)
     per_worker = {"CPU": ctx.resources.get("cpu", 1)}
     if gpu:
@@ -256,7 +263,8 @@ def _train_with_workers(cfg: RunConfig, ctx: TrialContext, run_name: str) -> Non
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": to_dict(cfg), "parent_run_id": ctx.parent_run_id, "use_gpu": bool(gpu),
-                           "cwd": os.getcwd(), "source": os.environ.get(SOURCE_ENV, "")},
+                           "cwd": os.getcwd(), "source": os.environ.get(SOURCE_ENV, ""),
+                           "run_tags": os.environ.get(RUN_TAGS_ENV, "")},
         scaling_config=ray.train.ScalingConfig(num_workers=ctx.trial_workers, use_gpu=bool(gpu),
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=f"{run_name}-workers",
@@ -277,11 +285,13 @@ def _worker_loop(loop_config: dict) -> None:
     import ray.train
 
     from dist_seg import trainer as trainer_module
-    from dist_seg.tracking import PARENT_RUN_ENV
+    from dist_seg.tracking import PARENT_RUN_ENV, RUN_TAGS_ENV
 
     if os.path.isdir(loop_config["cwd"]):
         os.chdir(loop_config["cwd"])
     os.environ[PARENT_RUN_ENV] = loop_config["parent_run_id"]
+    if loop_config.get("run_tags"):
+        os.environ[RUN_TAGS_ENV] = loop_config["run_tags"]
     if loop_config.get("source"):
         os.environ[SOURCE_ENV] = loop_config["source"]
     if not loop_config["use_gpu"]:
@@ -308,7 +318,7 @@ def _make_callback(ctx: TrialContext):
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ARG002
             client = _client(ctx.tracking_uri)
             exp = client.get_experiment_by_name(ctx.experiment)
-            run = exp and _find_trial_run(client, exp.experiment_id, ctx.parent_run_id, str(trial))
+            run = exp and _find_trial_run(client, exp.experiment_id, ctx.parent_run_id, trial.trial_id)
             if run is None or run.info.status == "RUNNING":
                 text = getattr(trial, "error_file", None) or "the trial process ended abnormally"
                 _record_trial(ctx, str(trial), trial.trial_id, overrides=[], error_text=f"see {text}")
@@ -327,6 +337,7 @@ class SweepResult:
     num_trials: int
     num_errors: int
     best_trial: Optional[str] = None
+    best_trial_id: Optional[str] = None
     best_metric: Optional[float] = None
     best_config: dict = field(default_factory=dict)
     best_overrides: list[str] = field(default_factory=list)
@@ -334,6 +345,8 @@ class SweepResult:
     results: Any = None
     interrupted: bool = False
     num_unfinished: int = 0
+    num_started: int = 0
+    best_run_id: Optional[str] = None
 
 
 def _build_knn_table(config: dict, cwd: str) -> str:
@@ -459,8 +472,89 @@ def _init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optiona
     return True
 
 
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the sweep runs: ``num_samples`` times the size of its grid (Tune creates them lazily)."""
+    import math
+
+    grids = [len(p.args) for p in spec.params.values()
+             if p.kind == "grid" or (p.kind == "choice" and spec.search == "grid")]
+    return spec.num_samples * math.prod(grids)
+
+
+def _trial_name(trial) -> str:
+    """Tune's ``trial_name_creator``: :func:`dist_seg.sweeps.spec.trial_name` (also the MLflow run name)."""
+    return trial_name(trial.trial_id, trial.config)
+
+
+def _sweep_description(spec: SweepSpec) -> str:
+    searched = ", ".join(f"{name} {p.kind}{list(p.args)}" for name, p in spec.params.items())
+    scheduler = "no early stopping" if spec.scheduler.type == "none" else (
+        f"ASHA early stopping (grace {spec.scheduler.grace_period} {spec.scheduler.time_attr}s, "
+        f"reduction factor {spec.scheduler.reduction_factor})")
+    return (f"Ray Tune sweep '{spec.name}' of {recipe_path(spec)}: {spec.num_samples} sample(s), {spec.search} search, "
+            f"{scheduler}, selecting on {spec.metric} ({spec.mode}). Searched: {searched}. Every trial is a run nested "
+            f"under this one (tags sweep.trial_id, sweep.name) with its own logged model; at the end this run holds "
+            f"best/{spec.metric} and the tags sweep.best_trial, sweep.best_run_id, sweep.best_overrides. The sweep "
+            f"file is the artifact sweep.yaml (with command-line changes applied), the search space the space.* "
+            f"params.")
+
+
+def _create_parent_run(client, experiment_id: str, spec: SweepSpec, sweep_file: Optional[str]) -> str:
+    """The sweep's MLflow run, recorded like a training run: description, source and git tags, the sweep's
+    settings and search space as params, the sweep file as an artifact."""
+    from mlflow.entities import Param
+
+    from dist_seg.tracking import git_tags, source_name
+
+    source = str(Path(sweep_file).resolve()) if sweep_file and Path(sweep_file).is_file() else source_name()
+    tags = {"sweep.name": spec.name, "sweep.recipe": spec.recipe, "mlflow.note.content": _sweep_description(spec),
+            "mlflow.source.name": source, "mlflow.source.type": "LOCAL",
+            **git_tags(Path(__file__).resolve().parent)}
+    run_id = client.create_run(experiment_id, run_name=spec.name, tags=tags).info.run_id
+    params = {"sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.search": spec.search,
+              "sweep.num_samples": spec.num_samples, "sweep.scheduler": spec.scheduler.type, **space_params(spec)}
+    if spec.seed is not None:
+        params["sweep.seed"] = spec.seed
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_text(run_id, yaml.safe_dump(_spec_dict(spec), sort_keys=False), "sweep.yaml")
+    if sweep_file and Path(sweep_file).is_file():
+        client.log_artifact(run_id, str(sweep_file), "sweep_file")
+    return run_id
+
+
+class _RayNotes(logging.Filter):
+    """Drops two of Tune's log lines that are wrong or redundant for ``dist-seg sweep``: its own resume hint after
+    an interruption (``Tuner.restore(...)``: our command resumes with the MLflow context) and the warning that the
+    results of a trial that was stopped before its first report cannot be read (it has none yet)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Experiment has been interrupted"):
+            return False
+        if message.startswith("Failed to fetch metrics for"):
+            failures = [line for line in message.splitlines()[1:] if line.strip()]
+            return not all("Could not fetch metrics for" in line for line in failures)
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_ray_notes():
+    """:class:`_RayNotes` on the loggers of ``ray.tune.tune`` and ``ray.tune.analysis`` (standard logging
+    filters: every other record of theirs passes)."""
+    loggers = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    note = _RayNotes()
+    for logger in loggers:
+        logger.addFilter(note)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(note)
+
+
 def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = False, retry_failed: bool = False,
-              num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> SweepResult:
+              num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
+              sweep_file: Optional[str] = None) -> SweepResult:
     """Run (or resume) a sweep with Ray Tune and return the best trial.
 
     Args:
@@ -471,6 +565,8 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         retry_failed: with ``resume``, also re-run trials that errored (they resume from their last
             checkpoint).
         num_cpus, num_gpus: size of a local cluster started here.
+        sweep_file: the sweep file ``spec`` was read from: logged as an artifact of the sweep's MLflow run and
+            named as its source.
 
     Returns:
         A :class:`SweepResult`; ``best_*`` fields are empty when no trial reported the metric.
@@ -522,15 +618,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
         else:
             exp = client.get_experiment_by_name(experiment)
             experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
-            parent = client.create_run(experiment_id, run_name=spec.name, tags={"sweep.name": spec.name,
-                                                                                 "sweep.recipe": spec.recipe})
-            parent_run_id = parent.info.run_id
-            client.log_param(parent_run_id, "sweep.metric", spec.metric)
-            client.log_param(parent_run_id, "sweep.mode", spec.mode)
-            client.log_param(parent_run_id, "sweep.search", spec.search)
-            client.log_param(parent_run_id, "sweep.num_samples", spec.num_samples)
-            client.log_param(parent_run_id, "sweep.scheduler", spec.scheduler.type)
-            client.log_text(parent_run_id, yaml.safe_dump(_spec_dict(spec), sort_keys=False), "sweep.yaml")
+            parent_run_id = _create_parent_run(client, experiment_id, spec, sweep_file)
             _write_state(exp_path, {"sweep": _spec_dict(spec), "base_config": to_dict(base),
                                     "parent_run_id": parent_run_id, "tracking_uri": uri, "experiment": experiment,
                                     "cwd": os.getcwd()})
@@ -560,8 +648,9 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
                                             max_concurrent_trials=spec.max_concurrent_trials
                                             if spec.search == "optuna" else None,
                                             reuse_actors=spec.reuse_actors,
-                                            time_budget_s=spec.budget.time_budget_s))
-        with _stop_on_signals() as signalled:
+                                            time_budget_s=spec.budget.time_budget_s,
+                                            trial_name_creator=_trial_name))
+        with _stop_on_signals() as signalled, _quiet_ray_notes():
             grid = tuner.fit()
         unfinished = _unfinished_trials(grid)
         if signalled.is_set() or unfinished:
@@ -571,16 +660,24 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, resume: bool = 
             marked = mark_interrupted(ctx)
             client.set_tag(parent_run_id, "sweep.interrupted", "true")
             client.set_terminated(parent_run_id, status="KILLED")
+            # Started: the trials with an MLflow run (a trial creates it as it starts training).
+            started = len(client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                             filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                             max_results=10000))
             return SweepResult(experiment_path=exp_path, parent_run_id=parent_run_id, tracking_uri=uri,
                                experiment=experiment, num_trials=len(grid), num_errors=grid.num_errors,
-                               results=grid, interrupted=True,
-                               num_unfinished=max(len(unfinished), len(marked)))
+                               results=grid, interrupted=True, num_unfinished=len(marked), num_started=started)
         reconcile_runs(grid, ctx, num_steps=base.train.num_steps, scheduler=spec.scheduler.type)
         result = _summarise(spec, grid, base, exp_path=exp_path, parent_run_id=parent_run_id, uri=uri,
                             experiment=experiment)
         if result.best_trial is not None:
             client.log_metric(parent_run_id, f"best/{spec.metric}", result.best_metric)
             client.set_tag(parent_run_id, "sweep.best_trial", result.best_trial)
+            best_run = _find_trial_run(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id,
+                                       result.best_trial_id)
+            if best_run is not None:
+                result.best_run_id = best_run.info.run_id
+                client.set_tag(parent_run_id, "sweep.best_run_id", best_run.info.run_id)
             client.set_tag(parent_run_id, "sweep.best_overrides", " ".join(result.best_overrides)[:4900])
         client.set_tag(parent_run_id, "sweep.num_errors", str(result.num_errors))
         client.set_terminated(parent_run_id, status="FINISHED" if result.best_trial is not None else "FAILED")
@@ -649,7 +746,8 @@ def _summarise(spec: SweepSpec, grid, base: RunConfig, *, exp_path: str, parent_
         return result
     if best.metrics is None or spec.metric not in best.metrics:
         return result
-    result.best_trial = f"{TRAINABLE_NAME}_{best.metrics.get('trial_id', Path(best.path).name)}"
+    result.best_trial_id = str(best.metrics.get("trial_id", Path(best.path).name))
+    result.best_trial = trial_name(result.best_trial_id, best.config)
     result.best_metric = float(best.metrics[spec.metric])
     result.best_config = {k: best.config[k] for k in sorted(best.config)}
     result.best_overrides = [f"{k}={_fmt(v)}" for k, v in result.best_config.items()]
@@ -680,8 +778,10 @@ def format_result(spec: SweepSpec, result: SweepResult, *, resume_command: Optio
     An interrupted sweep gets no best trial (nothing finished) but the command that resumes it."""
     if result.interrupted:
         command = resume_command or "dist-seg sweep SWEEP_FILE --resume"
-        lines = [f"sweep '{spec.name}' INTERRUPTED: {result.num_unfinished} of the {result.num_trials} trials "
-                 f"started did not finish (MLflow runs KILLED, tag sweep.interrupted=true); "
+        waiting = planned_trials(spec) - result.num_started
+        lines = [f"sweep '{spec.name}' INTERRUPTED: {result.num_unfinished} of the {result.num_started} trials "
+                 f"started did not finish (MLflow runs KILLED, tag sweep.interrupted=true)"
+                 + (f", {waiting} not started; " if waiting > 0 else "; ") +
                  f"state in {result.experiment_path}; MLflow parent run {result.parent_run_id} "
                  f"(experiment '{result.experiment}' at {result.tracking_uri})"]
     else:
@@ -738,7 +838,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = parse_sweep(args.sweep, args.overrides)
         result = run_sweep(spec, address=args.address, resume=args.resume, retry_failed=args.retry_failed,
-                           num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                           num_cpus=args.num_cpus, num_gpus=args.num_gpus, sweep_file=args.sweep)
     except (SweepError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

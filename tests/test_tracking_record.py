@@ -4,6 +4,7 @@ that loads and predicts without unpickling anything (real sqlite store, real pyf
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -79,21 +80,28 @@ def test_a_run_records_code_config_dataset_and_description(toy_run):
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(toy_run["base"] / "dl")))
     assert config.read_text() == (toy_run["out"] / "config.yaml").read_text(), "the resolved config is an artifact"
 
-    inputs = run.inputs.dataset_inputs
-    assert len(inputs) == 1, inputs
-    dataset = inputs[0].dataset
+    # Two inputs: the split it trained on (context training) and the one its scores come from (evaluation),
+    # each profiled by its sample counts and identified by the manifest's digest.
+    inputs = {t.value: i for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert set(inputs) == {"training", "evaluation"} and len(run.inputs.dataset_inputs) == 2, run.inputs
     digest = hashlib.sha256((toy_run["root"] / "manifest.json").read_bytes()).hexdigest()
-    assert dataset.name == "toy" and dataset.digest == digest[:16]
-    input_tags = {t.key: t.value for t in inputs[0].tags}
-    assert input_tags["root"] == str(toy_run["root"].resolve()) and input_tags["manifest_sha256"] == digest
-    assert (input_tags["samples.train"], input_tags["samples.val"]) == ("32", "8"), "split sizes"
-    assert '"num_rows": 2' in dataset.profile, "one row per split"
+    for context, split, count in (("training", "train", 32), ("evaluation", "val", 8)):
+        dataset = inputs[context].dataset
+        assert dataset.name == f"toy/{split}" and dataset.digest == digest[:16]
+        profile = json.loads(dataset.profile)
+        assert profile["num_samples"] == count and profile["samples_per_split"] == {"train": 32, "val": 8}, profile
+        input_tags = {t.key: t.value for t in inputs[context].tags}
+        assert input_tags["root"] == str(toy_run["root"].resolve()) and input_tags["manifest_sha256"] == digest
 
     params = run.data.params
     assert not [k for k in params if k.startswith(OTHER_SECTIONS)], "a STEGO run logs no other method's params"
     cfg = merge(RunConfig(), yaml_files=[toy_run["out"] / "config.yaml"])
-    assert set(params) == set(run_params(cfg)), "the params are the common sections + stego.*"
-    print(f"STEGO toy run: {len(params)} params (full config: {len(flatten(cfg))})")
+    logged = {k for k, v in run_params(cfg).items() if v is not None}
+    assert set(params) == logged, "the params are the common sections + stego.*, None values left out"
+    assert "None" not in params.values(), "no param reads the string 'None'"
+    unset = tags["unset_params"].split(", ")
+    assert "num_classes" in unset and set(unset) == set(run_params(cfg)) - logged, "None values are listed in a tag"
+    print(f"STEGO toy run: {len(params)} params + {len(unset)} unset (full config: {len(flatten(cfg))})")
 
 
 def test_model_loads_in_a_fresh_process_and_predicts_like_dist_seg_predict(toy_run, tmp_path):
@@ -241,3 +249,56 @@ def test_processes_writing_the_same_rows_at_once_all_succeed(tmp_path):
     runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_id != '{run.info.run_id}'")
     assert len(runs) == 4 and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
     assert {r.inputs.dataset_inputs[0].dataset.digest for r in runs} == {"0123456789abcdef"}
+
+
+@pytest.fixture(scope="module")
+def two_models(toy_run):
+    """Two more finished 2-step toy runs (different learning rates) in experiment 'choose' of the same store."""
+    ids = []
+    for lr in ("2e-3", "1e-5"):
+        out = toy_run["base"] / f"choose_{lr}"
+        argv = ["train", RECIPE, f"data.root={toy_run['root']}", f"train.output_dir={out}", "train.num_steps=2",
+                "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1", "data.batch_size=8",
+                "data.num_workers=0", "eval.num_overlays=0", f"stego.lr={lr}", f"tracking.uri={toy_run['uri']}",
+                "tracking.experiment=choose", f"tracking.run_name=stego-lr{lr}"]
+        assert cli.main(argv) == 0
+        ids.append(json.loads((out / "mlflow_run.json").read_text())["run_id"])
+    return ids
+
+
+def test_logged_models_carry_their_scores_and_the_best_is_the_runs_best(toy_run, two_models, capsys):
+    """MLflow 3's model search ranks the runs' models by their linked final scores, as `dist-seg runs --best`
+    ranks the runs; `--best --register NAME` registers that model."""
+    import mlflow
+
+    mlflow.set_tracking_uri(toy_run["uri"])
+    experiment = mlflow.get_experiment_by_name("choose").experiment_id
+    models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
+                                         order_by=[{"field_name": "metrics.final/cluster_mIoU", "ascending": False}])
+    assert sorted(m.source_run_id for m in models) == sorted(two_models), "one logged model per finished run"
+    digest = hashlib.sha256((toy_run["root"] / "manifest.json").read_bytes()).hexdigest()[:16]
+    for model in models:
+        run = mlflow.get_run(model.source_run_id)
+        assert model.name == "stego-toy-toy", "named <method>-<backbone>-<dataset>"
+        assert model.tags["method"] == "stego" and model.tags["checkpoint"] == "step-00000002.pt", model.tags
+        assert model.tags["mlflow.source.name"] == run.data.tags["mlflow.source.name"], "logged from the recipe"
+        assert "final/cluster_mIoU" in model.tags["mlflow.note.content"], "the model page describes it"
+        scores = {m.key: m for m in model.metrics}
+        final = scores["final/cluster_mIoU"]
+        assert final.value == run.data.metrics["final/cluster_mIoU"], "the run's final score, linked to its model"
+        assert (final.step, final.dataset_name, final.dataset_digest) == (2, "toy/val", digest), final
+        assert scores["val/cluster_mIoU"].dataset_name == "toy/val"
+        assert [m for m in model.metrics if m.key == "final/cluster_mIoU"] == [final], "linked once"
+    best = models[0]
+    scores = [{x.key: x.value for x in m.metrics}["final/cluster_mIoU"] for m in models]
+    assert scores == sorted(scores, reverse=True), "ordered by the linked metric"
+
+    assert cli.main(["runs", "--uri", toy_run["uri"], "--experiment", "choose", "--best", "--register",
+                     "choose_best"]) == 0
+    out = capsys.readouterr().out
+    assert f"# best run: {mlflow.get_run(best.source_run_id).info.run_name} ({best.source_run_id})" in out, out
+    version = mlflow.MlflowClient().get_model_version("choose_best", "1")
+    assert version.source == f"models:/{best.model_id}" and "as models:/choose_best/1" in out, (version, out)
+    by_dataset = mlflow.search_logged_models(experiment_ids=[experiment], datasets=[{"dataset_name": "toy/val"}],
+                                             filter_string="metrics.`final/cluster_mIoU` > -1", output_format="list")
+    assert {m.model_id for m in by_dataset} == {m.model_id for m in models}, "searchable by evaluation dataset"

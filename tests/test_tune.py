@@ -1,6 +1,7 @@
 """Sweep files → Ray Tune search spaces, their validation, and an end-to-end sweep on 2 CPUs."""
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def test_nested_keys_become_nested_config_values():
     assert cfg.stego.lr == pytest.approx(0.00123) and cfg.data.batch_size == 16
     assert cfg.train.num_steps == 7 and cfg.train.output_dir == "/tmp/trial/run"
     assert (cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name) == ("sqlite:////tmp/x.db", "e", "trial_1")
+
+
+def test_trial_names_start_with_an_index_and_say_what_the_trial_tried():
+    from dist_seg.sweeps.spec import trial_name
+
+    config = {"stego.lr": np.float64(0.00123456), "stego.pos_intra_weight": 0.4, "data.root": "data/toy"}
+    assert trial_name("ab12c_00003", config) == "t03 lr=0.00123 pos_intra_weight=0.4 root=toy"
+    names = [trial_name(f"ab12c_{i:05d}", {f"stego.param_{k}": 0.123456 for k in range(9)}) for i in range(12)]
+    assert all(len(n) <= 64 for n in names) and len({n[:24] for n in names}) == 12, names
+    spec = T.parse_sweep({**minimal(**{"stego.dim": {"choice": [16, 32]}, "stego.lr": {"grid": [1e-3, 1e-2]}}),
+                          "search": "grid", "num_samples": 3})
+    assert T.planned_trials(spec) == 12, "num_samples x the grid"
+    assert T.planned_trials(T.parse_sweep(minimal(**{"stego.lr": {"loguniform": [1e-4, 1e-2]}}))) == 1
 
 
 def test_grid_search_enumerates_choices_too():
@@ -188,7 +202,8 @@ def test_runs_of_trials_stopped_by_the_scheduler_are_settled(tmp_path):
     names = {"a": "RUNNING", "b": "FAILED", "c": "FINISHED", "d": "RUNNING"}
     ids = {}
     for key, status in names.items():
-        run = client.create_run(exp, run_name=f"{T.TRAINABLE_NAME}_{key}", tags={MLFLOW_PARENT_RUN_ID: parent})
+        run = client.create_run(exp, run_name=f"t0{key}", tags={MLFLOW_PARENT_RUN_ID: parent, "sweep.trial_id": key,
+                                                                "sweep.name": "s"})
         ids[key] = run.info.run_id
         if status != "RUNNING":
             client.set_terminated(ids[key], status=status)
@@ -350,15 +365,17 @@ def test_multi_worker_trial_runs_as_a_torch_trainer(tmp_path, monkeypatch, capsy
 @pytest.mark.slow
 def test_sweep_started_elsewhere_and_plain_runs_lists_its_trials(tmp_path, monkeypatch, capsys, toy_root,
                                                                 ray_cluster):
-    """`cd /tmp && dist-seg sweep /path/to/recipes/sweep_toy.yaml`, then a plain `dist-seg runs` shows the trials."""
+    """`cd /tmp && dist-seg sweep /path/to/recipes/sweep_toy.yaml` (3 trials), then a plain `dist-seg runs` shows
+    the trials; their MLflow runs and models say which sweep and trial they are."""
     import shutil
+    import subprocess
 
     from dist_seg import cli
 
     monkeypatch.chdir(tmp_path)  # no recipes/ here: the sweep file's project provides recipes/stego_toy.py
     shutil.copytree(toy_root, tmp_path / "data" / "toy")  # the recipe's data.root=data/toy, relative to here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    argv = ["sweep", str(SWEEP_TOY), "num_samples=2", "scheduler.type=none", "budget.max_steps=2",
+    argv = ["sweep", str(SWEEP_TOY), "num_samples=3", "scheduler.type=none", "budget.max_steps=2",
             "storage_path=ray", "verbose=0"]
     code = cli.main(argv)
     out, err = capsys.readouterr()
@@ -366,14 +383,42 @@ def test_sweep_started_elsewhere_and_plain_runs_lists_its_trials(tmp_path, monke
     assert "recipe not found" not in err
     assert f"reproduce: dist-seg train {REPO / 'recipes' / 'stego_toy.py'}" in out, out
     summary = out[out.index("experiment 'dist_seg_sweeps'"):]
-    assert summary.count("FINISHED") == 2 and "cluster mIoU" in summary, summary
+    assert summary.count("FINISHED") == 3 and "cluster mIoU" in summary, summary
 
     assert cli.main(["runs"]) == 0, "runs of every experiment, the sweep's included"
     listing = capsys.readouterr().out
-    assert "experiment 'dist_seg_sweeps': 3 runs" in listing, listing
+    assert "experiment 'dist_seg_sweeps': 4 runs" in listing, listing
     trials = [line for line in listing.splitlines() if line.startswith("└")]
-    assert len(trials) == 2 and all("2/2" in t for t in trials), listing
+    assert len(trials) == 3 and all("2/2" in t for t in trials), listing
     assert all(len(line) <= 120 for line in listing.splitlines())
+
+    # The MLflow record: trial names that stay distinct when cut, a parent run that explains the sweep, and
+    # each trial's model saying where it comes from.
+    import mlflow
+
+    parent, children = _children(tmp_path, "dist_seg_sweeps")
+    names = list(children["tags.mlflow.runName"])
+    assert len({name[:24] for name in names}) == 3, f"trial names must differ in their first 24 characters: {names}"
+    assert sorted(name.split()[0] for name in names) == ["t00", "t01", "t02"], names
+    assert (children["tags.sweep.name"] == "stego_toy_sweep").all() and children["tags.sweep.trial_id"].notna().all()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert parent["tags.mlflow.source.git.commit"] == commit.strip(), "the parent run names the code's commit"
+    assert parent["tags.mlflow.source.name"] == str(SWEEP_TOY) and parent["tags.mlflow.source.type"] == "LOCAL"
+    assert "Ray Tune sweep 'stego_toy_sweep'" in parent["tags.mlflow.note.content"], "the parent has a description"
+    spec = T.parse_sweep(SWEEP_TOY)
+    for key, p in spec.params.items():
+        assert parent[f"params.space.{key}"] == f"{p.kind}({', '.join(map(str, p.args))})", key
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(parent["run_id"], "sweep_file")]
+    assert artifacts == ["sweep_file/sweep_toy.yaml"], artifacts
+    best = children.sort_values("metrics.val/cluster_mIoU", ascending=False).iloc[0]
+    assert parent["tags.sweep.best_run_id"] == best["run_id"] and parent["tags.sweep.best_trial"] == \
+        best["tags.mlflow.runName"], "the parent names its best trial"
+    models = mlflow.search_logged_models(experiment_ids=[parent["experiment_id"]], output_format="list")
+    assert {m.tags["sweep.trial_id"] for m in models} == set(children["tags.sweep.trial_id"])
+    assert all(m.tags["sweep.name"] == "stego_toy_sweep" and m.tags["sweep.parent_run_id"] == parent["run_id"]
+               for m in models)
+    assert all("(dist-seg sweep stego_toy_sweep)" in m.tags["mlflow.source.name"] for m in models), \
+        "logged from the sweep's recipe, not from Ray's worker script"
 
 
 def pd_missing(value) -> bool:
@@ -407,7 +452,10 @@ def test_an_interrupted_sweep_says_so_and_resumes_each_trial_in_its_own_run(tmp_
     (tmp_path / "sig.yaml").write_text(yaml.safe_dump(SIGINT_SWEEP))
     command = [sys.executable, "-c", "import sys; from dist_seg.cli import main; sys.exit(main(sys.argv[1:]))",
                "sweep", "sig.yaml", "--num-cpus", "2"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # MLflow's system metrics every second (default 10 s): a toy trial runs for seconds.
+    env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     deadline = time.time() + 240
     while not list((tmp_path / "ray" / "sig").glob("*/run/checkpoints/step-*.pt")):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first checkpoint"
@@ -417,6 +465,11 @@ def test_an_interrupted_sweep_says_so_and_resumes_each_trial_in_its_own_run(tmp_
     assert proc.returncode == 130, f"an interrupted sweep must exit non-zero ({proc.returncode}):\n{out}\n{err[-3000:]}"
     assert "INTERRUPTED" in out and "resume with: dist-seg sweep sig.yaml --resume" in out, out
     assert "best trial" not in out and "reproduce:" not in out, "nothing finished: no best trial"
+    both = out + err
+    assert both.count("--resume") == 1 and "Resume experiment" not in both and "Tuner.restore" not in both, \
+        f"one resume line, ours:\n{both}"
+    assert "FileNotFoundError" not in both and "Failed to fetch metrics" not in both, err[-3000:]
+    assert "1 of the 1 trials started did not finish" in out and "1 not started" in out, out
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sig").experiment_id
@@ -433,8 +486,10 @@ def test_an_interrupted_sweep_says_so_and_resumes_each_trial_in_its_own_run(tmp_
     for run in trials:
         assert run.info.status == "KILLED" and run.data.tags.get("sweep.interrupted") == "true", run.data.tags
         assert "sweep.early_stopped" not in run.data.tags, "the scheduler (none) stopped nothing"
+        assert run.data.tags["sweep.name"] == "sig" and run.data.tags["sweep.trial_id"], run.data.tags
 
-    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                             env=env)
     assert resumed.returncode == 0, f"{resumed.stdout}\n{resumed.stderr[-3000:]}"
     parent, trials = runs()
     assert parent.info.status == "FINISHED" and "sweep.interrupted" not in parent.data.tags
@@ -445,6 +500,7 @@ def test_an_interrupted_sweep_says_so_and_resumes_each_trial_in_its_own_run(tmp_
         assert steps == list(range(2, 13, 2)), f"{run.info.run_name}: one unbroken history, got {steps}"
         val = [m.step for m in client.get_metric_history(run.info.run_id, "val/cluster_mIoU")]
         assert val == [4, 8, 12], f"{run.info.run_name}: validations {val}"
+        assert "system/cpu_utilization_percentage" in run.data.metrics, "trials log MLflow's system metrics"
     assert sum(r.data.tags.get("resumes") == "1" for r in trials) == 1, "the interrupted trial continued its run"
 
     from ray import tune

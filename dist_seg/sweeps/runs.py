@@ -16,7 +16,7 @@ from typing import Optional
 
 import yaml
 
-from dist_seg.sweeps.spec import TRAINABLE_NAME, TrialContext, _resolve_trial_config
+from dist_seg.sweeps.spec import TrialContext, _resolve_trial_config
 
 log = logging.getLogger("dist_seg.tune")
 
@@ -47,12 +47,18 @@ def _client(uri: str):
     return ConflictSafeClient(uri)
 
 
-def _find_trial_run(client, experiment_id: str, parent_run_id: str, run_name: str):
+def _find_trial_run(client, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The MLflow run of Tune trial ``trial_id`` (tag ``sweep.trial_id``, set when the run is created)."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`sweep.trial_id` = '{trial_id}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def trial_tags(ctx: TrialContext, trial_id: str) -> dict[str, str]:
+    """The tags every run of a trial carries from its creation on."""
+    return {"sweep.trial_id": trial_id, "sweep.name": ctx.sweep_name}
 
 
 def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides: Sequence[str],
@@ -69,17 +75,15 @@ def _record_trial(ctx: TrialContext, run_name: str, trial_id: str, *, overrides:
         client = _client(ctx.tracking_uri)
         exp = client.get_experiment_by_name(ctx.experiment)
         experiment_id = exp.experiment_id if exp else client.create_experiment(ctx.experiment)
-        run = _find_trial_run(client, experiment_id, ctx.parent_run_id, run_name)
+        run = _find_trial_run(client, experiment_id, ctx.parent_run_id, trial_id)
         if run is None:
             if error is None and error_text is None:
                 return None
             run = client.create_run(experiment_id, run_name=run_name,
-                                    tags={MLFLOW_PARENT_RUN_ID: ctx.parent_run_id})
+                                    tags={MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, **trial_tags(ctx, trial_id)})
             _log_trial_params(client, run.info.run_id, ctx, overrides)
             _remember_run(overrides, run.info.run_id, experiment_id, ctx.tracking_uri)
         run_id = run.info.run_id
-        client.set_tag(run_id, "sweep.trial_id", trial_id)
-        client.set_tag(run_id, "sweep.name", ctx.sweep_name)
         if error is not None or error_text is not None:
             message = f"{type(error).__name__}: {error}" if error is not None else error_text
             client.set_tag(run_id, "error", message[:4900])
@@ -126,7 +130,13 @@ def _log_trial_params(client, run_id: str, ctx: TrialContext, overrides: Sequenc
                 params[key] = yaml.safe_load(value)
             except yaml.YAMLError:
                 params[key] = value
-    client.log_batch(run_id, params=[Param(k, str("None" if v is None else v)[:6000]) for k, v in params.items()])
+    from dist_seg.tracking import UNSET_PARAMS_TAG
+
+    # As the Tracker does: None values are no params (a string "None"), they are listed in a tag.
+    unset = sorted(k for k, v in params.items() if v is None)
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items() if v is not None])
+    if unset:
+        client.set_tag(run_id, UNSET_PARAMS_TAG, ", ".join(unset)[:4900])
 
 
 def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int, unfinished: Collection[str] = (),
@@ -150,7 +160,7 @@ def reconcile_runs(grid, ctx: TrialContext, *, num_steps: int, unfinished: Colle
             continue
         if "step" not in metrics and result.error is None:  # Tune's bookkeeping only: nothing to settle by
             continue
-        run = _find_trial_run(client, exp.experiment_id, ctx.parent_run_id, f"{TRAINABLE_NAME}_{trial_id}")
+        run = _find_trial_run(client, exp.experiment_id, ctx.parent_run_id, trial_id)
         if run is None:
             continue
         run_id = run.info.run_id

@@ -521,6 +521,43 @@ def base_config(spec: SweepSpec) -> RunConfig:
     return cfg
 
 
+def trial_name(trial_id: str, config: Mapping[str, Any], width: int = 2) -> str:
+    """A trial's name (Tune's trial name and its MLflow run name): a short index first, then the sampled values.
+
+    ``trial_ab12c_00003`` with ``{"stego.lr": 0.00123, "stego.pos_intra_weight": 0.4}`` gives
+    ``t03 lr=0.00123 pos_intra_weight=0.4`` (values while the name stays within 64 characters): names stay
+    distinct when a table or a chart legend cuts them (Tune's own ``dist_seg_trial_ab12c_000…`` do not), and
+    say what the trial tried.
+    """
+    suffix = str(trial_id).rsplit("_", 1)[-1]
+    index = f"t{int(suffix):0{width}d}" if suffix.isdigit() else f"t{suffix}"
+    name = index
+    for key, value in config.items():
+        part = f"{key.rsplit('.', 1)[-1]}={_short(value)}"
+        if len(name) + 1 + len(part) > 64:  # the rest is in the run's params
+            break
+        name += " " + part
+    return name
+
+
+def _short(value: Any) -> str:
+    """A sampled value in a few characters (3 significant digits for floats)."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        return f"{float(value):.3g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_short(v) for v in value)
+    text = str(value)
+    return text.rsplit("/", 1)[-1] or text  # a path: its last part
+
+
+def space_params(spec: SweepSpec) -> dict[str, str]:
+    """The search space as flat MLflow params of the sweep's run: ``{"space.stego.lr": "loguniform(0.0001,
+    0.005)"}``."""
+    return {f"space.{name}": f"{p.kind}({', '.join(str(a) for a in p.args)})"[:6000] for name, p in spec.params.items()}
+
+
 def _spec_dict(spec: SweepSpec) -> dict:
     data = dataclasses.asdict(spec)
     data["params"] = {name: {p.kind: p.args} for name, p in spec.params.items()}
