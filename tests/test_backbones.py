@@ -429,8 +429,10 @@ def test_backbone_keeps_float32_weights_off_the_gpu_and_for_dtype_fp32():
     backbone = load_backbone("toy_dinov3", dtype="bf16").to("cpu").to(torch.device("cpu")).cpu()
     assert {p.dtype for p in backbone.parameters()} == {torch.float32}
     assert torch.equal(backbone.patch_features(images), ref.patch_features(images))
-    # dtype=fp32 keeps float32 weights even where the backbone would autocast.
-    fp32 = load_backbone("toy_dinov3", dtype="fp32")
-    fp32.autocast_device_types = ("cpu", "meta")
-    assert {p.dtype for p in fp32.to("cpu").parameters()} == {torch.float32}
-    assert {p.dtype for p in fp32.to("meta").parameters()} == {torch.float32}
+    # dtype=None / fp32 keeps float32 weights even where the backbone would autocast.
+    for dtype in (None, "fp32"):
+        fp32 = load_backbone("toy_dinov3", dtype=dtype)
+        fp32.autocast_device_types = ("cpu", "meta")
+        assert {p.dtype for p in fp32.to("cpu").parameters()} == {torch.float32}
+        assert torch.equal(fp32.patch_features(images), ref.patch_features(images))
+        assert {p.dtype for p in fp32.to("meta").parameters()} == {torch.float32}
