@@ -60,7 +60,9 @@ __all__ = [
     "backbone_dtype",
     "gap_descriptor",
     "load_backbone",
+    "matmul_parameters",
     "resolve_dtype",
+    "store_matmul_weights",
 ]
 
 TOY_SEED = 0
@@ -186,6 +188,39 @@ def backbone_dtype(dtype: str = "auto", mixed_precision: str = "no") -> Optional
             return resolve_dtype(mixed_precision)
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
     return resolve_dtype(dtype)
+
+
+# Modules whose weights and biases autocast casts to its low dtype before every use (linear, convolutions).
+_MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def matmul_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of ``module``'s linear and convolution layers.
+
+    Under ``torch.autocast`` (CUDA and CPU) ``F.linear`` and ``F.conv*`` cast their input, weight and bias to
+    the autocast dtype, so storing exactly these parameters in that dtype changes no result. Everything else
+    stays as it is: LayerNorm / RMSNorm weights (autocast runs norms in float32), layer scales (a plain
+    multiply, outside autocast's cast lists), CLS / register tokens, position embeddings, DINOv3's separate
+    q/v biases and every buffer (RoPE periods, the key bias, the normalisation statistics).
+    """
+    return [p for m in module.modules() if isinstance(m, _MATMUL_MODULES) for p in m.parameters(recurse=False)]
+
+
+def store_matmul_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store :func:`matmul_parameters` of ``module`` in ``dtype``, in place (other tensors untouched).
+
+    Used by :class:`Backbone` to keep its matmul weights in the autocast dtype on GPUs (half the memory of
+    float32, identical results under autocast) and in float32 elsewhere. The parameter objects are kept (their
+    ``.data`` is replaced), so ``requires_grad`` and any reference to them survive; casting float32 → bf16 →
+    float32 rounds the values to bf16.
+
+    Returns:
+        ``module``.
+    """
+    for param in matmul_parameters(module):
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return module
 
 
 def gap_descriptor(features: torch.Tensor) -> torch.Tensor:
@@ -526,7 +561,21 @@ class Backbone(nn.Module):
         mean, std: ``[1, 3, 1, 1]`` input normalisation of the backbone's weights (the spec's; ImageNet
             statistics for a name outside :data:`BACKBONES`).
         autocast_dtype: dtype used under autocast on CUDA (None = fp32).
+
+    Weight storage follows the precision: on a CUDA device with an autocast dtype, the weights and biases of
+    the linear and convolution layers (:func:`matmul_parameters`, nearly all of a ViT's parameters) are stored
+    in that dtype, which halves the memory a rank holds and changes no result, since autocast would cast them
+    per matmul anyway; norms, layer scales, tokens, position embeddings and buffers stay float32. Elsewhere
+    (CPU, or ``autocast_dtype=None``) every weight is float32. The cast happens inside every device move
+    (``.to(device)``, ``.cuda()``, ``.cpu()``), tensor by tensor, so no caller does anything and a GPU never
+    holds the float32 copy of more than one tensor. Setting ``autocast_dtype`` re-stores the weights; going
+    back to float32 after a bf16 cast gives bf16-rounded values, so an fp32 reference is a second backbone
+    built with ``dtype=None``.
     """
+
+    # Device types whose forwards run under autocast (a class attribute so that a CPU test can run the bf16
+    # path with CPU autocast; every run keeps CPUs in float32).
+    autocast_device_types: tuple[str, ...] = ("cuda",)
 
     def __init__(self, model: nn.Module, *, name: str, weights_id: str, dtype: Optional[torch.dtype] = None,
                  mean: Optional[tuple[float, float, float]] = None, std: Optional[tuple[float, float, float]] = None):
@@ -537,7 +586,7 @@ class Backbone(nn.Module):
         self.model = model
         self.name = name
         self.weights_id = weights_id
-        self.autocast_dtype = dtype
+        self._autocast_dtype = dtype
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.embed_dim = int(model.embed_dim)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
@@ -546,6 +595,42 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
+        self._store_weights()
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        self._autocast_dtype = dtype
+        self._store_weights()
+
+    def _autocast_on(self, device: torch.device) -> bool:
+        """Whether forwards on ``device`` run under autocast (CUDA with an autocast dtype; CPUs run float32)."""
+        return self._autocast_dtype is not None and device.type in self.autocast_device_types
+
+    def _weight_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the matmul weights are stored in on ``device``."""
+        return self._autocast_dtype if self._autocast_on(device) else torch.float32
+
+    def _store_weights(self) -> None:
+        with torch.no_grad():
+            for param in matmul_parameters(self.model):
+                param.data = param.data.to(self._weight_dtype(param.device))
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``.to``, ``.cuda``, ``.cpu``) with the matmul weights stored in the
+        dtype of the device they land on, each cast right after its own move."""
+        matmul = {id(p) for p in matmul_parameters(self.model)}
+
+        def convert(tensor: torch.Tensor) -> torch.Tensor:
+            out = fn(tensor)
+            if id(tensor) in matmul and out.is_floating_point():
+                out = out.to(self._weight_dtype(out.device))
+            return out
+
+        return super()._apply(convert, recurse)
 
     def train(self, mode: bool = True) -> Backbone:
         """The backbone is frozen: it stays in eval mode whatever a parent module asks."""
@@ -576,7 +661,7 @@ class Backbone(nn.Module):
             float32 ``[B, C, H/p, W/p]``.
         """
         x = self._prepare(images)
-        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        use_amp = self._autocast_on(x.device)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
             tokens = self.model.forward_features(x)
         batch, _, height, width = x.shape
@@ -597,7 +682,7 @@ class Backbone(nn.Module):
             float32 ``[B, C]``.
         """
         x = self._prepare(images)
-        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        use_amp = self._autocast_on(x.device)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
             tokens = self.model.forward_features(x)
         return tokens[:, 0].float()
@@ -633,7 +718,7 @@ class Backbone(nn.Module):
             handle = attn.register_forward_pre_hook(project)
         else:
             handle = attn.qkv.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
-        use_amp = self.autocast_dtype is not None and x.device.type == "cuda"
+        use_amp = self._autocast_on(x.device)
         try:
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype, enabled=use_amp):
                 self.model.forward_features(x)
@@ -669,12 +754,13 @@ def load_backbone(
             ``None``: the local hub cache, then (only with ``allow_download``) the Hugging Face hub.
             Ignored sources never lead to random weights for a named DINO model.
         allow_download: fetch missing weights from the Hugging Face hub.
-        dtype: autocast dtype on CUDA (``"bf16"``, ``"fp16"``; ``None``/``"no"`` = fp32). CPU runs fp32.
+        dtype: autocast dtype on CUDA (``"bf16"``, ``"fp16"``; ``None``/``"no"`` = fp32), also the dtype the
+            matmul weights are stored in once the backbone is moved to a GPU. CPU runs fp32.
         weights_key: the config key that sets ``weights``, named in the error messages
             (``maskdistill.mine.weights`` for MaskDistill's mining backbone).
 
     Returns:
-        A :class:`Backbone` in eval mode with ``requires_grad=False`` on every parameter (on CPU).
+        A :class:`Backbone` in eval mode with ``requires_grad=False`` on every parameter (on CPU, float32).
 
     Raises:
         ValueError: unknown name or dtype.

@@ -339,3 +339,100 @@ def test_last_attention_qk_uses_the_reference_position_interpolation():
 def test_last_attention_qk_rejects_bad_sizes():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         load_backbone("toy").last_attention_qk(torch.zeros(1, 3, 50, 64))
+
+
+# ------------------------------------------------------------------ weight storage in the autocast dtype
+def _tiny(kind: str) -> B.Backbone:
+    """Small fp32 backbones of each parameter kind: DINO (toy), DINOv2 (LayerScale module, registers),
+    DINOv3 (RoPE, masked key bias, gamma layer scales) and DINOv3 with SwiGLU (ViT-S+/16's MLP)."""
+    if kind in ("toy", "toy_dinov3"):
+        return load_backbone(kind)
+    timm_name, name, size = {"dinov2": ("vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg", {"img_size": 56}),
+                             "dinov3_swiglu": ("vit_small_plus_patch16_dinov3_qkvb", "dinov3_vits16plus",
+                                               {"img_size": 64})}[kind]
+    torch.manual_seed(5)
+    model = timm.create_model(timm_name, pretrained=False, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                              init_values=0.1, **size, **({"dynamic_img_size": True} if kind == "dinov2" else {}))
+    with torch.no_grad():  # non-trivial biases, norms and layer scales
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "norm" in pname or "gamma" in pname:
+                p.add_(0.1 * torch.randn_like(p))
+    return B.Backbone(model, name=name, weights_id="random")
+
+
+def _autocast_tokens(backbone: B.Backbone, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return backbone.model.forward_features(backbone._prepare(images)).float()
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind", ["toy", "toy_dinov3", "dinov2", "dinov3_swiglu"])
+def test_matmul_weights_stored_in_bf16_give_the_autocast_features_exactly(kind):
+    """Linear/conv weights stored in bf16 change nothing under bf16 autocast (autocast casts them anyway);
+    norms, layer scales, tokens, q/v biases and buffers stay float32 and untouched; memory about halves."""
+    ref = _tiny(kind)
+    low = copy.deepcopy(ref)
+    assert B.store_matmul_weights(low.model, torch.bfloat16) is low.model
+    matmul = {id(p) for p in B.matmul_parameters(low.model)}
+    low_params, ref_params = dict(low.named_parameters()), dict(ref.named_parameters())
+    kept = [n for n, p in low_params.items() if id(p) not in matmul]
+    assert any("norm" in n for n in kept) and any("token" in n for n in kept)
+    assert kind == "toy" or any("gamma" in n for n in kept), "layer scales must stay float32"
+    for n, p in low_params.items():
+        expected = ref_params[n].to(torch.bfloat16) if id(p) in matmul else ref_params[n]
+        assert p.dtype == expected.dtype and torch.equal(p, expected), n
+    assert all(b.dtype == torch.float32 for b in low.buffers())
+    stored = sum(p.numel() for p in B.matmul_parameters(low.model))
+    total = sum(p.numel() for p in low.parameters())
+    assert _param_bytes(ref) == 4 * total and _param_bytes(low) == 2 * stored + 4 * (total - stored)
+    assert _param_bytes(low) < 0.55 * _param_bytes(ref)
+
+    images = _images(2, 56, 56) if kind == "dinov2" else _images(2, 64, 48)
+    a, b = _autocast_tokens(ref, images), _autocast_tokens(low, images)
+    assert torch.equal(a, b), f"{kind}: bf16-stored weights change the autocast features by {(a - b).abs().max()}"
+
+
+def test_backbone_stores_its_weights_in_the_autocast_dtype_where_it_autocasts():
+    """The device move stores the matmul weights in bf16 where the backbone autocasts (CUDA; CPU here through
+    ``autocast_device_types``), every output equals the fp32 module's under autocast, and fp32 comes back."""
+    ref = load_backbone("toy_dinov3")
+    backbone = load_backbone("toy_dinov3", dtype="bf16")
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}, "built on the CPU: float32"
+    backbone.autocast_device_types = ("cpu",)
+    fp32_bytes = _param_bytes(backbone)
+    assert backbone.to("cpu") is backbone
+    assert {p.dtype for p in B.matmul_parameters(backbone.model)} == {torch.bfloat16}
+    assert backbone.model.blocks[0].gamma_1.dtype == torch.float32 and backbone.model.norm.weight.dtype == torch.float32
+    assert _param_bytes(backbone) < 0.55 * fp32_bytes
+    images = _images(2, 64, 48)
+    tokens = _autocast_tokens(ref, images)
+    feats = backbone.patch_features(images)
+    assert feats.dtype == torch.float32
+    assert torch.equal(feats, tokens[:, 5:].reshape(2, 8, 6, -1).permute(0, 3, 1, 2))
+    assert torch.equal(backbone.cls_features(images), tokens[:, 0])
+
+    backbone.autocast_dtype = None  # the escape hatch: fp32 weights (values rounded to bf16 by the round trip)
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}
+    weight = ref.model.blocks[0].attn.qkv.weight
+    assert torch.equal(backbone.model.blocks[0].attn.qkv.weight, weight.to(torch.bfloat16).float())
+    backbone.autocast_dtype = torch.bfloat16
+    assert backbone.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+
+
+def test_backbone_keeps_float32_weights_off_the_gpu_and_for_dtype_fp32():
+    ref = load_backbone("toy_dinov3")
+    images = _images(2, 64, 48)
+    # bf16 requested, but CPUs run float32: no move ever gives the CPU bf16 weights.
+    backbone = load_backbone("toy_dinov3", dtype="bf16").to("cpu").to(torch.device("cpu")).cpu()
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}
+    assert torch.equal(backbone.patch_features(images), ref.patch_features(images))
+    # dtype=None / fp32 keeps float32 weights even where the backbone would autocast.
+    for dtype in (None, "fp32"):
+        fp32 = load_backbone("toy_dinov3", dtype=dtype)
+        fp32.autocast_device_types = ("cpu", "meta")
+        assert {p.dtype for p in fp32.to("cpu").parameters()} == {torch.float32}
+        assert torch.equal(fp32.patch_features(images), ref.patch_features(images))
+        assert {p.dtype for p in fp32.to("meta").parameters()} == {torch.float32}

@@ -45,6 +45,8 @@ def test_gpu_check_dry_run(tmp_path):
         assert ran["timed_steps"] == 3 and ran["steady_crops_per_s"] > 0, (name, ran)
         assert 0 < ran["setup_and_teardown_s"] < ran["train_wall_s"], (name, ran)
     assert results["attention"]["kernels"]["math"]["rel_error_vs_fp32_math"] < 1e-4
+    toy = results["encode"]["dry_run"]["toy"]  # the CPU holds float32 weights (bf16 ones only on a GPU)
+    assert toy["matmul_weights_dtype"] == ["torch.float32"] and toy["weights_gib"] == toy["weights_fp32_gib"] > 0
     assert results["attention"]["kernels"]["flash"]["status"] == "skipped: no GPU"
     coll = results["collectives"]["dry_run"]
     assert coll["processes"] == 2 and coll["backend"] == "gloo" and len(coll["ranks"]) == 2, coll

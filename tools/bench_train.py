@@ -661,11 +661,11 @@ def main(argv=None) -> int:
     print(f"# {info['backbone']} at {args.res} px, batch {args.batch}, ours in {args.mixed_precision}")
 
     ours_bb = random_backbone(args.backbone, fused_attention=True, device=device)
-    # As load_backbone(..., dtype=train.mixed_precision): patch_features runs its own autocast context, so
-    # an outer one alone would leave the backbone in fp32.
-    ours_bb.autocast_dtype = amp
     ref_bb = random_backbone(args.backbone, fused_attention=False, device=device)
-    ref_bb.load_state_dict(ours_bb.state_dict())
+    ref_bb.load_state_dict(ours_bb.state_dict())  # the fp32 weights, before ours stores them in bf16
+    # As load_backbone(..., dtype=train.mixed_precision): patch_features runs its own autocast context, so
+    # an outer one alone would leave the backbone in fp32; on a GPU this also stores its matmul weights in bf16.
+    ours_bb.autocast_dtype = amp
     data = make_data(ours_bb, batch=args.batch, res=args.res, num_classes=args.num_classes, seed=args.seed)
 
     cases: list[Case] = []

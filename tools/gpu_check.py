@@ -7,11 +7,13 @@ throughput figure excludes set-up: a warm-up runs first and only the timed repet
   installed versions of the distributions the paths below use, and the KNN backend ``auto`` picks and why;
 * ``matmul-bf16``: the measured bf16 matrix-product rate (8192^3, FLOP/s): the ceiling of the tables in
   docs/benchmarks.md ("what bounds one H200");
-* ``encode``: images/s of the frozen ViT-S/8 and ViT-B/8 forwards at 224 px in bf16 autocast (random init);
+* ``encode``: images/s of the frozen ViT-S/8 and ViT-B/8 forwards at 224 px in bf16 autocast (random init),
+  and the dtype and GiB of the weights the backbone holds on the GPU (bf16 linear/conv weights);
 * ``decode``: JPEG decode + resize to 224 images/s on one CPU core (PIL, as the loader workers do), and
   torchvision's batched ``decode_jpeg`` on the GPU;
 * ``attention``: the backbone's fused attention under bf16 with each SDPA kernel forced (flash,
-  memory-efficient, math) against an fp32 math reference: relative error and ms per forward;
+  memory-efficient, math) against an fp32 math reference (a second backbone with fp32 weights): relative
+  error and ms per forward;
 * ``train-stego-online``, ``train-stego-cached``, ``train-ds2dl-online``, ``train-ds2dl-cached``: the real
   trainer (``dist_seg.trainer.train``, bf16) on generated data; set-up (backbone, KNN mining, extraction,
   final validation, checkpoint) is reported apart from the steady-state crops/s of the timed steps (taken
@@ -205,6 +207,16 @@ def matmul_bf16(check: Check) -> dict:
         "note": "random data, mean of the timed products after 3 warm-ups"}}
 
 
+def weight_memory(backbone) -> dict:
+    """What the backbone's parameters hold where it runs: dtypes and GiB (bf16 matmul weights on a GPU)."""
+    from dist_seg.backbones import matmul_parameters
+
+    params = list(backbone.parameters())
+    return {"matmul_weights_dtype": sorted({str(p.dtype) for p in matmul_parameters(backbone.model)}),
+            "weights_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "weights_fp32_gib": sum(p.numel() * 4 for p in params) / 2**30}
+
+
 def encode(check: Check) -> dict:
     """Frozen-backbone forwards: images/s at 224 px in bf16 autocast (ViT-S/8, ViT-B/8, random init)."""
     import timm
@@ -228,9 +240,13 @@ def encode(check: Check) -> dict:
             seconds = _timed(lambda fn=backbone.patch_features, x=images: fn(x), warmup=3,
                              repeats=10 if check.gpu else 2)
         figures[name] = {"batch": batch, "res": check.size, "images_per_s": batch / seconds,
-                         "ms_per_batch": 1e3 * seconds, "dtype": "bf16 autocast" if check.gpu else "fp32"}
+                         "ms_per_batch": 1e3 * seconds, "dtype": "bf16 autocast" if check.gpu else "fp32",
+                         **weight_memory(backbone)}
         del backbone
-    return {"status": check.status(all(f["images_per_s"] > 0 for f in figures.values())),
+    # On the GPU the bf16 backbone must hold bf16 matmul weights (half the fp32 memory); the CPU holds fp32.
+    held = ["torch.bfloat16"] if check.gpu else ["torch.float32"]
+    return {"status": check.status(all(f["images_per_s"] > 0 and f["matmul_weights_dtype"] == held
+                                       for f in figures.values())),
             "dry_run" if check.dry else "figures": figures}
 
 
@@ -382,14 +398,15 @@ def attention(check: Check) -> dict:
 
     from dist_seg.backbones import load_backbone
 
-    backbone = load_backbone(check.backbone, check.backbone_weights(), dtype=check.precision).to(check.device)
     torch.manual_seed(0)
     images = torch.rand(8 if check.gpu else 2, 3, check.size, check.size, device=check.device)
     with torch.no_grad():
-        backbone.autocast_dtype = None  # fp32 math reference
+        # fp32 math reference from its own fp32 backbone: on a GPU the bf16 one stores bf16 weights.
+        reference = load_backbone(check.backbone, check.backbone_weights(), dtype="fp32").to(check.device)
         with sdpa_kernel([SDPBackend.MATH]):
-            ref = backbone.patch_features(images).float()
-        backbone.autocast_dtype = torch.bfloat16 if check.gpu else None
+            ref = reference.patch_features(images).float()
+        del reference
+        backbone = load_backbone(check.backbone, check.backbone_weights(), dtype=check.precision).to(check.device)
         kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "math": SDPBackend.MATH}
         results = {}

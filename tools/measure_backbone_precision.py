@@ -6,6 +6,11 @@ absolute error (max, mean), relative error per patch ``|f_bf16 - f_fp32| / |f_fp
 similarity per patch (mean, min), and the overlap of each patch's exact top-k neighbours among all patches of
 the batch (``dist_seg.knn.knn``, cosine) in bf16 vs float32 features.
 
+The backbones are built with ``dtype=None``, so they keep float32 weights on every device and the bf16 pass
+is autocast over float32 weights. A ``backbone.dtype=auto`` run on a GPU stores its linear/conv weights in
+bf16 instead, which gives exactly the same features (autocast casts those weights to bf16 per matmul;
+tests/test_backbones.py checks the equality), so the figures are those of the training path.
+
 Backbones: the toy model, and ViT-S/8 and ViT-B/8 (``dino_vits8``/``dino_vitb8`` architectures) with timm's
 random init: real-weight *shapes*, not real weights, since no weights are downloaded here.
 
