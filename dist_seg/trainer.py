@@ -29,7 +29,14 @@ from typing import Optional
 import torch
 
 from dist_seg import distributed as D
-from dist_seg.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from dist_seg.checkpoints import (
+    DEEPSPEED_FILES_KEY,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    select_checkpoint,
+)
 from dist_seg.config import ConfigError, RunConfig, merge, save_config, to_dict
 from dist_seg.data.manifest import DataError
 from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
@@ -70,17 +77,14 @@ def list_checkpoints(cfg: RunConfig) -> list[Path]:
 
 
 def load_latest_checkpoint(cfg: RunConfig) -> tuple[Optional[dict], Optional[Path]]:
-    """Newest checkpoint that loads; unreadable ones (half-written, corrupted) are skipped with a warning.
+    """Newest checkpoint of the run that loads and passes its checksums (with its DeepSpeed shards, for a
+    DeepSpeed run); damaged ones (half-written, truncated, flipped bytes) are named and skipped with a warning
+    (:func:`dist_seg.checkpoints.latest_checkpoint`).
 
     Files are read with ``weights_only=True`` only (:func:`dist_seg.checkpoints.load_checkpoint`): a pickle
     dropped into the folder that would run code is skipped like a corrupted file, never executed.
     """
-    for path in reversed(list_checkpoints(cfg)):
-        try:
-            return load_checkpoint(path), path
-        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
-            log.warning("skipping unreadable checkpoint %s (%s)", path, err)
-    return None, None
+    return latest_checkpoint(checkpoint_dir(cfg), deepspeed=bool(cfg.train.deepspeed_config))
 
 
 def prune_checkpoints(cfg: RunConfig) -> None:
@@ -95,16 +99,17 @@ def load_method_checkpoint(path: str | Path, *, device: str | torch.device = "cp
                            trust: bool = False) -> tuple[Method, RunConfig, dict]:
     """Rebuild a method from a checkpoint (its saved config, optionally overridden) for eval/predict.
 
-    The file is read with ``weights_only=True``; ``trust=True`` (``--trust-checkpoint``) also reads an
-    old-format pickle, which runs any code it holds. Every file that cannot be used raises a
+    ``path`` is a checkpoint file or a run folder (its ``output_dir`` or ``checkpoints/``), where the newest
+    checkpoint that passes its checksums is used (:func:`dist_seg.checkpoints.select_checkpoint`). The file is
+    read with ``weights_only=True``; ``trust=True`` (``--trust-checkpoint``) also reads an old-format pickle,
+    which runs any code it holds. Every file that cannot be used raises a
     :class:`~dist_seg.checkpoints.CheckpointError` (a ``ValueError``) naming it.
     """
     import yaml
 
     from dist_seg.config import from_yaml
 
-    path = Path(path)
-    state = load_checkpoint(path, trust=trust)
+    state, path = select_checkpoint(path, trust=trust)
     try:
         cfg = from_yaml(RunConfig, yaml.safe_dump(dict(state["config"])))
     except (ConfigError, yaml.YAMLError) as err:
@@ -198,6 +203,7 @@ class Trainer:
         self.best_miou = -math.inf
         self.assignment: Optional[list] = None  # cluster -> class matching of the latest validation
         self._stop_requested = False
+        self.resumed_from: Optional[Path] = None  # the checkpoint this run resumed from (named in loss errors)
         self.tracker = None
         # Read at logging/validation/checkpoint steps only (see _check): the first step whose loss was not
         # finite (-1: none), kept on the device so no step waits for it; seconds spent waiting for batches.
@@ -395,7 +401,10 @@ class Trainer:
         state = self.state_dict()  # collective: every rank takes part
         path = None
         if self.engine is not None and not best:
-            self.engine.save(checkpoint_dir(self.cfg) / "deepspeed", f"step-{self.step:08d}")  # collective
+            tag = f"step-{self.step:08d}"
+            self.engine.save(checkpoint_dir(self.cfg) / "deepspeed", tag)  # collective
+            # Sizes and checksums of the ZeRO shards, checked before a resume (collective).
+            state[DEEPSPEED_FILES_KEY] = self.engine.file_digests(checkpoint_dir(self.cfg) / "deepspeed", tag)
         if self.accelerator.is_main_process:
             path = checkpoint_dir(self.cfg) / (BEST_NAME if best else f"step-{self.step:08d}.pt")
             save_checkpoint(state, path)
@@ -407,14 +416,17 @@ class Trainer:
     def maybe_resume(self) -> bool:
         if not self.cfg.train.resume:
             return False
-        state, path = load_latest_checkpoint(self.cfg)
-        # All ranks read the same folder; agree on the newest one rank 0 could load.
+        # Rank 0 picks the newest checkpoint that passes its checksums (naming and skipping damaged ones); every
+        # rank then loads that one.
+        state, path = load_latest_checkpoint(self.cfg) if self.accelerator.is_main_process else (None, None)
         step = D.broadcast_object(None if state is None else int(state["step"]))
         if step is None:
             return False
-        if state is None or int(state["step"]) != step:
-            state = load_checkpoint(checkpoint_dir(self.cfg) / f"step-{step:08d}.pt")
+        path = checkpoint_dir(self.cfg) / f"step-{step:08d}.pt"
+        if state is None:
+            state = load_checkpoint(path)
         self.load_state_dict(state)
+        self.resumed_from = path
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -545,8 +557,14 @@ class Trainer:
         stop = torch.ones_like(bad) if self._stop_requested else torch.zeros_like(bad)
         flags = D.all_reduce_max(torch.stack([bad, stop])).tolist()
         if flags[0] > 0:
-            raise TrainingError(f"non-finite loss at step {_NEVER - flags[0]}: lower the learning rates, enable "
-                                "train.grad_clip, or check the features (mixed precision overflow?)")
+            resumed = ""
+            if self.resumed_from is not None:
+                # A checkpoint damaged in a way its checksums cannot see (written after the weights went bad)
+                # would fail every re-run the same way: say where this run came from.
+                resumed = (f" (this run resumed from {self.resumed_from}: if the loss was finite before it, delete "
+                           "that checkpoint to resume from the previous one)")
+            raise TrainingError(f"non-finite loss at step {_NEVER - flags[0]}{resumed}: lower the learning rates, "
+                                "enable train.grad_clip, or check the features (mixed precision overflow?)")
         return bool(flags[1])
 
     def _log_train(self, loss: torch.Tensor, logs: dict, window: _Window, progress) -> None:
