@@ -45,12 +45,16 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 # What every stage needs to start lives in dist_seg.runtime; these names stay importable from here.
 from dist_seg.runtime import (  # noqa: F401  (re-exported)
+    HangWatch,
     add_recipe_arguments,
     default_cache_dir,
+    init_timeout,
+    is_collective_timeout,
     load_recipe,
     make_accelerator,
     recipe_argv,
     resolve_config,
+    set_collective_timeout,
     setup_logging,
 )
 
@@ -463,8 +467,17 @@ class Trainer:
                                              "resumed_from_step": str(self.step) if resumed else "0"})
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         status = "FAILED"
+        self.watch = self._start_hang_watch()
         try:
-            result = self._loop()
+            try:
+                result = self._loop()
+            except Exception as err:
+                if is_collective_timeout(err):  # another rank stopped: say which, not gloo's socket error
+                    raise TrainingError(self.watch.timeout_message(err)) from None
+                raise
+            finally:
+                self.watch.close()
+                set_collective_timeout(init_timeout(cfg))
             result["data"] = self._data_report()
             status = "FINISHED" if not self._stop_requested else "KILLED"
             return result
@@ -472,6 +485,15 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             self.tracker.end(status)
+
+    def _start_hang_watch(self) -> HangWatch:
+        """Heartbeats of every rank in ``<output_dir>/heartbeat`` (dist_seg.runtime.HangWatch), cleared of an
+        earlier run's first."""
+        watch = HangWatch(self.cfg, rank=self.rank, world=self.world)
+        if self.accelerator.is_main_process:
+            watch.clear()
+        D.barrier()
+        return watch.start()
 
     def _loop(self) -> dict:
         from dist_seg.eval.evaluate import summary
@@ -486,8 +508,13 @@ class Trainer:
         self.method.train()
         batches = self._batches() if self.step < cfg.train.num_steps else iter(())
         window = _Window()
+        watch = self.watch
         while self.step < cfg.train.num_steps:
-            loss, logs = self.train_step(next(batches))
+            watch.activity("waiting for data")
+            batch = next(batches)
+            watch.activity("in a training step")
+            loss, logs = self.train_step(batch)
+            watch.reached(self.step)  # after the first step, collectives wait train.step_timeout_s at most
             window.steps += 1
             if progress is not None:
                 progress.update(1)
@@ -503,10 +530,11 @@ class Trainer:
                 self._log_train(loss, logs, window, progress)
                 window = _Window()
             paused = time.perf_counter()
-            if at_val and not stop:
-                self._validate_and_select()
-            if stop or at_ckpt:
-                self.save_checkpoint()
+            with watch.relaxed("validating or writing a checkpoint"):  # the start-up timeout meanwhile
+                if at_val and not stop:
+                    self._validate_and_select()
+                if stop or at_ckpt:
+                    self.save_checkpoint()
             window.paused += time.perf_counter() - paused  # validation and checkpoints are not step time
             if stop:
                 self._stop_requested = True
@@ -518,8 +546,9 @@ class Trainer:
         if progress is not None:
             progress.close()
         # The final checkpoint comes after the final validation so it carries that cluster→class matching.
-        result = self._validate_and_select(final=True) or {}
-        self.save_checkpoint()
+        with watch.relaxed("validating or writing a checkpoint"):
+            result = self._validate_and_select(final=True) or {}
+            self.save_checkpoint()
         return {"step": self.step, "stopped": False, "val": result,
                 "metrics": summary(result) if result else {}}
 
