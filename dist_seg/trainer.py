@@ -279,7 +279,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, shuffle=shuffle,
             infinite=infinite, start_batch=start_batch, shuffle_buffer=self.cfg.data.shuffle_buffer,
             decode=self._image_decode(infinite) if decode == "image" else decode, half_features=True,
-            pin_memory=self.device.type == "cuda", batch_stage=stage,
+            pin_memory=self.device.type == "cuda", batch_stage=stage, num_classes="manifest",
         )
 
     def _image_decode(self, training_stream: bool) -> str:

@@ -55,3 +55,20 @@ def test_training_and_eval_skip_count_and_name_the_record(bad_root, tmp_path, ca
 
     assert cli.main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev")]) == 0
     assert "skipped 1 damaged validation records" in capsys.readouterr().out
+
+
+def test_a_split_where_no_label_fits_stops_training_with_one_line(tmp_path, capsys):
+    """A manifest whose class count does not match any label map (every record skipped): an endless training
+    stream stops with one error line instead of spinning forever."""
+    root = tmp_path / "toy"
+    generate_toy(root, num_train=16, num_val=8, samples_per_shard=8)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.update(num_classes=2, class_names=manifest["class_names"][:2], colors=manifest["colors"][:2])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    code = cli.main(["train", str(REPO / "recipes" / "stego_toy.py"), f"data.root={root}",
+                     f"train.output_dir={tmp_path / 'run'}", "data.batch_size=8", "data.num_workers=0",
+                     "train.num_steps=2", "train.val_every=0", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert "records of split 'train' in a row could not be used" in errors[0] and "outside 0..1" in errors[0], errors

@@ -1066,7 +1066,7 @@ def make_loader(
     pin_memory: bool = False,
     half_features: bool = False,
     batch_stage: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
-    num_classes: int | None | str = "manifest",
+    num_classes: int | None | str = None,
 ) -> tuple[wds.WebLoader, int | None]:
     """Stream a split as batches with ``webdataset``.
 
@@ -1108,8 +1108,9 @@ def make_loader(
         batch_stage: a further stage applied to the batches inside the worker that made them (e.g.
             :class:`dist_seg.data.partners.PartnerReader`).
         num_classes: records whose label holds an id outside ``[0, num_classes)`` other than 255 are skipped,
-            counted and named as damaged; ``"manifest"`` (default) reads the class count from the dataset
-            folder's manifest (no check for URL lists or unlabelled data), None checks nothing.
+            counted and named as damaged; ``"manifest"`` reads the class count from the dataset folder's
+            manifest (no check for URL lists or unlabelled data); None (default) checks nothing (stages that
+            do not use labels: KNN descriptors, feature extraction).
 
     Returns:
         ``(loader, num_batches)``: batches are dicts of ``image`` uint8 ``[B, 3, res, res]``, ``label``
@@ -1185,9 +1186,12 @@ def make_loader(
     counter = source.skip_counter
     stages = [
         source,
-        wds.map(RecordDecoder(decode=decode, res=res, half_features=half_features,
-                              num_classes=_manifest_classes(root) if num_classes == "manifest" else num_classes),
-                handler=counter.sample_handler),
+        _decode_stage(RecordDecoder(decode=decode, res=res, half_features=half_features,
+                                    num_classes=_manifest_classes(root) if num_classes == "manifest" else num_classes),
+                      counter.sample_handler,
+                      # An endless stream that can decode nothing would spin forever: stop after a whole split's
+                      # worth of records in a row was skipped.
+                      limit=(shards.num_samples or 10_000) if infinite else None, split=split),
         wds.batched(batch_size, collation_fn=_collate, partial=not drop_last),
     ]
     if batch_stage is not None:
@@ -1210,6 +1214,30 @@ def make_loader(
     loader.dataset = source
     loader.set_epoch = source.set_epoch
     return loader, num_batches
+
+
+def _decode_stage(decoder: RecordDecoder, handler: Callable[[BaseException], bool], *, limit: int | None,
+                  split: str) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """``wds.map(decoder, handler=handler)`` that raises :class:`DataError` once ``limit`` records in a row were
+    skipped (None: never), so a training stream over a split where nothing decodes stops instead of spinning."""
+
+    def stage(records: Iterator[dict]) -> Iterator[dict]:
+        failed = 0
+        for raw in records:
+            try:
+                out = decoder(raw)
+            except Exception as exn:  # noqa: BLE001 - the handler decides, as in wds.map
+                if not handler(exn):
+                    break
+                failed += 1
+                if limit is not None and failed >= limit:
+                    raise DataError(f"{failed} records of split '{split}' in a row could not be used (the last: "
+                                    f"{exn}); run `dist-seg check-data` on the dataset to list them") from None
+                continue
+            failed = 0
+            yield out
+
+    return stage
 
 
 def _manifest_classes(root: PathLike | Sequence[str]) -> int | None:

@@ -309,6 +309,7 @@ def validate_run(method: Method, cfg, info, *, device: torch.device, local_batch
         batch_size=local_batch, res=cfg.data.eval_res, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         shuffle=False, infinite=False, start_batch=0, shuffle_buffer=cfg.data.shuffle_buffer,
         decode="features" if cached else "image", half_features=True, pin_memory=device.type == "cuda",
+        num_classes="manifest",  # labels outside the class range: skipped, counted and named
     )
     if method.inputs == "images":
         feature_fn = image_feature_fn(device)
