@@ -101,3 +101,63 @@ def test_sigstop_of_a_rank_ends_the_job_naming_it_and_the_run_resumes(toy_root, 
     resumed = [ln for ln in again.stderr.splitlines() if "resumed from" in ln]
     assert resumed and "step-00000020.pt" in resumed[0], again.stderr[-3000:]
     assert (out / "checkpoints" / "step-00000060.pt").is_file()
+
+
+def _beat(folder: Path, rank: int, seq: int, step: int, doing: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank:05d}.json").write_text(json.dumps(
+        {"rank": rank, "host": "node", "pid": 1000 + rank, "seq": seq, "step": step, "doing": doing, "time": 0}))
+
+
+def test_hang_watch_names_frozen_and_stuck_ranks(tmp_path):
+    """The watch's verdicts from heartbeat files (one process, no process group): a rank whose heartbeat stopped
+    is frozen; with every heartbeat fresh, a rank doing something else while this one makes no step is stuck."""
+    from dist_seg.config import RunConfig, merge
+    from dist_seg.runtime import HEARTBEAT_DIR, HangWatch
+
+    cfg = merge(RunConfig(), overrides=[f"train.output_dir={tmp_path}", "train.step_timeout_s=20"])
+    watch = HangWatch(cfg, rank=0, world=3)
+    folder = tmp_path / HEARTBEAT_DIR
+    assert "no rank could be named" in watch.describe()
+
+    watch.reached(7)  # guarded from now on: half of train.step_timeout_s is 10 s
+    watch.activity("in a training step")
+    _beat(folder, 1, 1, 7, "in a training step")
+    _beat(folder, 2, 1, 7, "waiting for data")
+    watch._read()
+    assert watch.stalled() == [], "fresh heartbeats and a recent step: nobody is stalled"
+
+    seq, _, beat = watch._seen[1]
+    watch._seen[1] = (seq, time.monotonic() - 11, beat)  # rank 1's heartbeat unchanged for 11 s
+    (rank, why), = watch.stalled()
+    assert rank == 1 and "stopped responding" in why and "pid 1001" in why, why
+
+    _beat(folder, 1, 2, 7, "in a training step")  # rank 1 is back; now this rank has made no step for 11 s
+    watch._read()
+    watch._step_changed = time.monotonic() - 11
+    (rank, why), = watch.stalled()
+    assert rank == 2 and "makes no progress" in why and "waiting for data" in why, why
+    message = watch.timeout_message(RuntimeError("Timed out waiting 20000ms for recv operation to complete"))
+    assert "rank 2 (node, pid 1002)" in message and "train.step_timeout_s=20" in message, message
+
+    with watch.relaxed("validating or writing a checkpoint"):
+        assert not watch.guarded and watch.stalled() == [], "no step is expected while validating"
+    assert watch.guarded and watch.doing == "in a training step"
+
+
+def test_hang_watch_thread_writes_heartbeats(tmp_path):
+    from dist_seg.config import RunConfig, merge
+    from dist_seg.runtime import HEARTBEAT_DIR, HangWatch
+
+    cfg = merge(RunConfig(), overrides=[f"train.output_dir={tmp_path}", "train.step_timeout_s=5"])
+    watch = HangWatch(cfg, rank=0, world=1).start()
+    try:
+        path = tmp_path / HEARTBEAT_DIR / "rank-00000.json"
+        watch.reached(3)
+        deadline = time.monotonic() + 60
+        while json.loads(path.read_text())["step"] != 3:
+            assert time.monotonic() < deadline, "the heartbeat was not rewritten"
+            time.sleep(0.1)
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    finally:
+        watch.close()
