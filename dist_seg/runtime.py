@@ -397,9 +397,12 @@ def is_collective_timeout(err: BaseException) -> bool:
     """Whether ``err`` is a collective that gave up waiting for another rank (gloo's or NCCL's timeout)."""
     import torch.distributed as dist
 
-    text = str(err)
-    timed_out = "Timed out" in text or "timed out" in text or "Timeout" in text
-    return timed_out and (isinstance(err, getattr(dist, "DistError", ())) or isinstance(err, RuntimeError))
+    text = str(err).lower()
+    if "timed out" not in text and "timeout" not in text:
+        return False
+    # gloo raises a plain RuntimeError from its transport ("[.../gloo/transport/tcp/...] Timed out waiting ...");
+    # other timeouts (a DataLoader's, a store's) are not a peer that stopped.
+    return isinstance(err, getattr(dist, "DistBackendError", ())) or "gloo" in text or "nccl" in text
 
 
 class HangWatch:

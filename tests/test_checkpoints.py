@@ -292,8 +292,9 @@ def test_flipped_bytes_inside_a_tensor_are_found_and_named(trained, tmp_path, ca
 
     # Given the run folder, eval names the damaged newest checkpoint and scores the previous one.
     caplog.clear()
-    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "ev")]) == 0
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run")]) == 0
     assert "stego (step 2)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval").is_dir(), "reports go to the run folder's eval/"
     skipped = [r.getMessage() for r in caplog.records if "skipping unreadable checkpoint" in r.getMessage()]
     assert len(skipped) == 1 and str(bad) in skipped[0] and "is damaged" in skipped[0], skipped
 

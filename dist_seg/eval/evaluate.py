@@ -383,7 +383,8 @@ def evaluate_checkpoint(method: Method, cfg, *, crf: Optional[bool] = None, acce
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The flags of ``dist-seg eval`` (run by :mod:`dist_seg.eval_command`)."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training checkpoint (.pt) to evaluate")
+    src.add_argument("--checkpoint", help="a training checkpoint (.pt) to evaluate, or a run folder (its newest "
+                     "checkpoint that passes its checksums)")
     src.add_argument("--baselines", nargs="+", choices=["raw", "pca", "rp"],
                      help="evaluate backbone-feature baselines (probes fit on the training split)")
     parser.add_argument("--recipe", help="recipe file for --baselines (dataset, backbone, resolution)")
