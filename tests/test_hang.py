@@ -73,7 +73,7 @@ def test_sigstop_of_a_rank_ends_the_job_naming_it_and_the_run_resumes(toy_root, 
         os.kill(stalled, signal.SIGSTOP)
         stopped_at = time.monotonic()
         error = "error: a collective on rank 0 timed out"
-        _wait(lambda: error in log.read_text(), proc, log, "the timeout error", 4 * STEP_TIMEOUT_S + 60)
+        _wait(lambda: error in log.read_text(), proc, log, "the timeout error", 4 * STEP_TIMEOUT_S + 120)
         took = time.monotonic() - stopped_at
         code = proc.wait(timeout=180)  # torchrun gives the frozen rank 30 s after SIGTERM, then SIGKILLs it
     finally:
@@ -91,7 +91,8 @@ def test_sigstop_of_a_rank_ends_the_job_naming_it_and_the_run_resumes(toy_root, 
     assert named and "stopped responding" in named[0], f"no line naming the stalled rank:\n{text[-3000:]}"
     line = next(ln for ln in text.splitlines() if ln.startswith(error))
     assert "rank 1 (" in line and f"pid {stalled}" in line and f"train.step_timeout_s={STEP_TIMEOUT_S}" in line, line
-    assert took < 4 * STEP_TIMEOUT_S + 60, f"the error came {took:.0f} s after SIGSTOP"
+    # The timeout counts from the collective rank 0 entered after the freeze; the rest is a loaded machine.
+    assert took < 2 * STEP_TIMEOUT_S + 30, f"the error came {took:.0f} s after SIGSTOP"
     assert not (out / "checkpoints" / "step-00000060.pt").exists(), "the run finished despite the stalled rank"
 
     # The same command again: resumes from the last checkpoint and finishes.
