@@ -372,12 +372,7 @@ def init_timeout(cfg: RunConfig) -> timedelta:
     return timedelta(minutes=cfg.train.init_timeout_min)
 
 
-def step_timeout(cfg: RunConfig) -> timedelta:
-    """The training-loop collective timeout (``train.step_timeout_s``)."""
-    return timedelta(seconds=cfg.train.step_timeout_s)
-
-
-def set_collective_timeout(timeout) -> bool:
+def set_collective_timeout(timeout: timedelta) -> bool:
     """Set the timeout of every later collective of the default process group; False without a group.
 
     gloo applies it to each collective it starts; NCCL's watchdog aborts the process when one exceeds it.
