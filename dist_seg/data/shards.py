@@ -1186,12 +1186,12 @@ def make_loader(
     counter = source.skip_counter
     stages = [
         source,
-        _decode_stage(RecordDecoder(decode=decode, res=res, half_features=half_features,
-                                    num_classes=_manifest_classes(root) if num_classes == "manifest" else num_classes),
-                      counter.sample_handler,
-                      # An endless stream that can decode nothing would spin forever: stop after a whole split's
-                      # worth of records in a row was skipped.
-                      limit=(shards.num_samples or 10_000) if infinite else None, split=split),
+        _DecodeStage(RecordDecoder(decode=decode, res=res, half_features=half_features,
+                                   num_classes=_manifest_classes(root) if num_classes == "manifest" else num_classes),
+                     counter.sample_handler,
+                     # An endless stream that can decode nothing would spin forever: stop after a whole split's
+                     # worth of records in a row was skipped.
+                     limit=(shards.num_samples or 10_000) if infinite else None, split=split),
         wds.batched(batch_size, collation_fn=_collate, partial=not drop_last),
     ]
     if batch_stage is not None:
@@ -1216,28 +1216,30 @@ def make_loader(
     return loader, num_batches
 
 
-def _decode_stage(decoder: RecordDecoder, handler: Callable[[BaseException], bool], *, limit: int | None,
-                  split: str) -> Callable[[Iterator[dict]], Iterator[dict]]:
+class _DecodeStage:
     """``wds.map(decoder, handler=handler)`` that raises :class:`DataError` once ``limit`` records in a row were
-    skipped (None: never), so a training stream over a split where nothing decodes stops instead of spinning."""
+    skipped (None: never), so a training stream over a split where nothing decodes stops instead of spinning.
+    A class, not a closure: loaders started with ``spawn`` pickle their stages."""
 
-    def stage(records: Iterator[dict]) -> Iterator[dict]:
+    def __init__(self, decoder: RecordDecoder, handler: Callable[[BaseException], bool], *, limit: int | None,
+                 split: str) -> None:
+        self.decoder, self.handler, self.limit, self.split = decoder, handler, limit, split
+
+    def __call__(self, records: Iterator[dict]) -> Iterator[dict]:
         failed = 0
         for raw in records:
             try:
-                out = decoder(raw)
+                out = self.decoder(raw)
             except Exception as exn:  # noqa: BLE001 - the handler decides, as in wds.map
-                if not handler(exn):
+                if not self.handler(exn):
                     break
                 failed += 1
-                if limit is not None and failed >= limit:
-                    raise DataError(f"{failed} records of split '{split}' in a row could not be used (the last: "
-                                    f"{exn}); run `dist-seg check-data` on the dataset to list them") from None
+                if self.limit is not None and failed >= self.limit:
+                    raise DataError(f"{failed} records of split '{self.split}' in a row could not be used (the "
+                                    f"last: {exn}); run `dist-seg check-data` on the dataset to list them") from None
                 continue
             failed = 0
             yield out
-
-    return stage
 
 
 def _manifest_classes(root: PathLike | Sequence[str]) -> int | None:
