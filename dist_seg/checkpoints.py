@@ -15,7 +15,15 @@ first and refuses anything else, so nothing unsafe is ever written.
   written by an older dist_seg that pickled numpy scalars or config objects looks like this, and so does a
   file crafted to run code. It is read only when the caller passes ``trust=True`` (``--trust-checkpoint``
   on the command line), and :func:`convert_checkpoint` re-saves such a file in the safe format;
-* a torch file that is not a dist_seg checkpoint (a backbone's weights, another project's state dict).
+* a torch file that is not a dist_seg checkpoint (a backbone's weights, another project's state dict);
+* a damaged checkpoint (:class:`DamagedCheckpointError`): every tensor of a checkpoint is written with its
+  SHA-256 (:data:`CHECKSUM_KEY`) and checked when the file is read, so flipped bytes inside a weight, which
+  ``torch.load`` itself accepts, are found and named; a DeepSpeed run also records the size and SHA-256 of
+  every ZeRO shard file of the step (:data:`DEEPSPEED_FILES_KEY`), checked before a resume.
+
+:func:`latest_checkpoint` picks the newest checkpoint of a folder that passes these checks, naming and
+skipping the ones that do not; :func:`select_checkpoint` is what ``eval``/``predict`` call with a file or a
+run folder.
 
 This module sits low in the layout: it imports torch and the standard library only, so every stage
 (trainer, eval, predict, the DeepSpeed engine) can use it.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import hashlib
 import logging
 import os
 import pickle
@@ -43,14 +52,22 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FORMAT_KEY",
     "FORMAT_VERSION",
+    "CHECKSUM_KEY",
+    "DEEPSPEED_FILES_KEY",
     "CheckpointError",
+    "DamagedCheckpointError",
     "UntrustedCheckpointError",
     "atomic_save",
     "convert_checkpoint",
+    "file_digests",
+    "latest_checkpoint",
     "load_checkpoint",
     "load_weights_only",
     "save_checkpoint",
+    "select_checkpoint",
+    "tensor_checksums",
     "to_plain",
+    "verify_files",
 ]
 
 # Written into every checkpoint: a later dist_seg can tell which layout it reads, and refuse a newer one.
@@ -58,12 +75,22 @@ FORMAT_KEY = "dist_seg_format"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("step", "method", "config", "meta")
 EXPECTED = "a dist_seg training checkpoint (a .pt file written by `dist-seg train`, e.g. checkpoints/step-00000100.pt)"
+# SHA-256 of every tensor, by its place in the checkpoint ("method.head.weight"), written with the file.
+CHECKSUM_KEY = "checksums"
+# DeepSpeed runs: {file under checkpoints/deepspeed/step-N/: {"size", "sha256"}} of the step's ZeRO shards.
+DEEPSPEED_FILES_KEY = "deepspeed_files"
+CHECKPOINT_GLOB = "step-*.pt"
 _TORCH_LEAVES = (torch.Tensor, torch.dtype, torch.device, torch.Size)
 _GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
 class CheckpointError(ValueError):
     """A file that is not a usable dist_seg checkpoint; the message names the file and what was expected."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose bytes changed after it was written: a tensor or a DeepSpeed shard file no longer
+    matches the checksum written with it, or a shard file is missing or truncated."""
 
 
 class UntrustedCheckpointError(CheckpointError):
@@ -157,9 +184,111 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"a checkpoint needs the keys {list(REQUIRED_KEYS)}; missing {missing}")
-    plain = to_plain(dict(state))
+    plain = to_plain({k: v for k, v in state.items() if k != CHECKSUM_KEY})
     plain[FORMAT_KEY] = FORMAT_VERSION
+    plain[CHECKSUM_KEY] = tensor_checksums(plain)
     return atomic_save(plain, path)
+
+
+# ------------------------------------------------------------------------------------ checksums
+def _tensors(obj: Any, prefix: str) -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not (prefix == "" and key == CHECKSUM_KEY):
+                yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    t = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype (bf16 too)
+    return digest.hexdigest()
+
+
+def tensor_checksums(state: Any) -> dict[str, str]:
+    """SHA-256 of every tensor in ``state`` (bytes, dtype and shape), keyed by its dotted place
+    (``method.head.weight``, ``optimizer.state.0.exp_avg``)."""
+    return {name: _tensor_digest(t) for name, t in _tensors(state, "")}
+
+
+def verify_checksums(state: Mapping[str, Any], path: Path) -> None:
+    """Check every tensor of a loaded checkpoint against the checksums written with it.
+
+    A file written before checksums were (no :data:`CHECKSUM_KEY`) passes unchecked.
+
+    Raises:
+        DamagedCheckpointError: a tensor differs from what was written, or one is missing.
+    """
+    recorded = state.get(CHECKSUM_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, Mapping):
+        raise DamagedCheckpointError(f"{path} is damaged: its '{CHECKSUM_KEY}' entry is not a mapping")
+    found = tensor_checksums(state)
+    bad = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise DamagedCheckpointError(f"{path} is damaged: tensor {bad[0]}{more} does not match the checksum written "
+                                     "with it (the file changed after it was written: a bad disk, copy or transfer)")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: str | os.PathLike, *, part: tuple[int, int] = (0, 1)) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of the files under ``folder`` (sorted).
+
+    Args:
+        folder: e.g. a DeepSpeed checkpoint tag folder.
+        part: ``(i, n)``: only every ``n``-th file from the ``i``-th, so ``n`` ranks can share the hashing of a
+            large checkpoint and merge their parts.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    i, n = part
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _file_digest(p)}
+            for p in files[i::n]}
+
+
+def verify_files(folder: str | os.PathLike, record: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check that every file ``record`` (from :func:`file_digests`) lists is under ``folder`` with its size
+    and SHA-256.
+
+    Raises:
+        DamagedCheckpointError: naming the first file that is missing, of another size, or changed.
+    """
+    folder = Path(folder)
+    for name in sorted(record):
+        path, want = folder / name, record[name]
+        if not path.is_file():
+            raise DamagedCheckpointError(f"{path} is missing (it was written with this checkpoint)")
+        size = path.stat().st_size
+        if size != int(want["size"]):
+            raise DamagedCheckpointError(f"{path} is damaged: {size} bytes but {want['size']} were written "
+                                         "(truncated: an interrupted write or copy)")
+        if _file_digest(path) != want["sha256"]:
+            raise DamagedCheckpointError(f"{path} is damaged: its bytes do not match the checksum written with it")
+
+
+def _check_unrecorded_shards(folder: Path) -> None:
+    """A DeepSpeed step folder written before shard checksums were: each file must at least be a whole zip."""
+    files = sorted(p for p in folder.rglob("*.pt") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        raise DamagedCheckpointError(f"{folder} holds no DeepSpeed shards (the optimiser state of this step)")
+    for path in files:
+        if not zipfile.is_zipfile(path):
+            raise DamagedCheckpointError(f"{path} is damaged: a truncated or corrupted torch zip archive")
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -235,7 +364,7 @@ def _load_trusted(path: Path) -> Any:
                               f"{str(err).splitlines()[0] if str(err) else ''}); expected {EXPECTED}") from None
 
 
-def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, verify: bool = True) -> dict:
     """Read a dist_seg training checkpoint with ``weights_only=True`` and check its layout.
 
     Args:
@@ -243,6 +372,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
         trust: read a file that ``weights_only`` refuses (an old-format checkpoint) with a full unpickle.
             Only for files from a trusted source: unpickling runs whatever code the file holds. The result
             is converted to plain values, so it can be re-saved safely (:func:`convert_checkpoint`).
+        verify: check every tensor against the checksums written with it (:func:`verify_checksums`).
 
     Returns:
         The checkpoint dict (``step``, ``method``, ``config``, ``meta``, ``optimizer``, ...).
@@ -250,6 +380,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
     Raises:
         FileNotFoundError: no such file.
         UntrustedCheckpointError: an old-format (or malicious) pickle and ``trust`` is False.
+        DamagedCheckpointError: a tensor does not match its checksum.
         CheckpointError: an unreadable file, a torch file that is not a dist_seg checkpoint, or a checkpoint
             of a newer format.
     """
@@ -264,7 +395,84 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
         except TypeError as err:
             raise CheckpointError(f"{path} holds objects that cannot be converted to a safe checkpoint: "
                                   f"{err}") from None
-    return check_layout(state, path)
+    state = check_layout(state, path)
+    if verify:
+        verify_checksums(state, path)
+    return state
+
+
+def deepspeed_folder(path: Path) -> Path:
+    """Where the ZeRO shards of checkpoint ``checkpoints/step-N.pt`` live: ``checkpoints/deepspeed/step-N``."""
+    return path.parent / "deepspeed" / path.stem
+
+
+def verify_deepspeed_shards(path: Path, state: Mapping[str, Any]) -> None:
+    """Check the DeepSpeed shard files of checkpoint ``path`` against the sizes and checksums it recorded
+    (or, for a checkpoint written before they were, that each shard is a whole zip archive).
+
+    Raises:
+        DamagedCheckpointError: naming the missing, truncated or changed file.
+    """
+    folder = deepspeed_folder(path)
+    record = state.get(DEEPSPEED_FILES_KEY)
+    if record:
+        verify_files(folder, record)
+    else:
+        _check_unrecorded_shards(folder)
+
+
+def latest_checkpoint(folder: str | os.PathLike, *, deepspeed: bool = False, trust: bool = False,
+                      ) -> tuple[dict | None, Path | None]:
+    """The newest ``step-*.pt`` checkpoint of ``folder`` that loads and passes its checksums.
+
+    Every newer file that does not (half-written, truncated, flipped bytes, a DeepSpeed shard missing or
+    damaged, a pickle that would run code) is named in a warning and skipped for the one before it.
+
+    Args:
+        folder: a run's ``checkpoints/`` folder.
+        deepspeed: also check the step's DeepSpeed shard files (what a ZeRO run needs to resume; ``eval`` and
+            ``predict`` need only the ``.pt`` file).
+        trust: read old-format pickles too (see :func:`load_checkpoint`).
+
+    Returns:
+        ``(state, path)``, or ``(None, None)`` when no checkpoint is usable.
+    """
+    for path in sorted(Path(folder).glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            state = load_checkpoint(path, trust=trust)
+            if deepspeed:
+                verify_deepspeed_shards(path, state)
+            return state, path
+        except Exception as err:  # noqa: BLE001 - any unusable file is skipped, never fatal
+            log.warning("skipping unreadable checkpoint %s (%s); trying the previous one", path, err)
+    return None, None
+
+
+def select_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> tuple[dict, Path]:
+    """The checkpoint ``eval``/``predict`` use: a named file, or the newest valid one of a run folder.
+
+    Args:
+        path: a checkpoint file (checked; a damaged one is an error naming it), a run's ``output_dir`` or its
+            ``checkpoints/`` folder (the newest ``step-*.pt`` that passes its checksums; damaged newer ones
+            are named in a warning and skipped).
+        trust: read old-format pickles too (see :func:`load_checkpoint`).
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        CheckpointError: the named file cannot be used (:class:`DamagedCheckpointError` when it was changed
+            after writing), or the folder holds no usable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return load_checkpoint(path, trust=trust), path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    state, found = latest_checkpoint(folder, trust=trust)
+    if state is None:
+        names = sorted(p.name for p in folder.glob(CHECKPOINT_GLOB))
+        why = f"none of {', '.join(names)} is usable (see the warnings above)" if names else "no step-*.pt file"
+        raise CheckpointError(f"no usable checkpoint in the folder {folder}: {why}; expected {EXPECTED}")
+    log.info("using %s, the newest valid checkpoint in %s", found, folder)
+    return state, found
 
 
 def check_layout(state: Any, path: Path) -> dict:

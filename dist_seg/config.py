@@ -165,9 +165,14 @@ class TrainConfig:
     device: str = "auto"  # auto: what Accelerate picks; cuda: stop with an error unless CUDA is usable; cpu
     grad_clip: Optional[float] = None
     deepspeed_config: Optional[str] = None
-    # Process-group timeout: how long a collective waits for a rank busy alone (rank 0 merging MaskDistill
-    # candidates, CRF validation on a rank with more shards, a resumed extract) before the run is aborted.
-    dist_timeout_min: float = 60.0
+    # Collective timeouts (docs/scaling.md, "A rank hangs"; torchtitan uses 300 s and 100 s). Start-up and the
+    # pauses of the loop: how long a collective waits for a rank busy alone (a slow node joining, rank 0 merging
+    # MaskDistill candidates, CRF validation on a rank with more shards, a resumed extract) before the run is
+    # aborted. Training steps after the first: a wait this long means a rank stopped (the hang watch names it).
+    init_timeout_min: float = 60.0
+    step_timeout_s: float = 300.0
+    # The former name of init_timeout_min (configs and checkpoints written before issue 28): moved there on load.
+    dist_timeout_min: Optional[float] = None
     output_dir: str = "runs/default"
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -217,6 +222,8 @@ class RunConfig:
     maskdistill: MaskDistillConfig = field(default_factory=MaskDistillConfig)
 
     def __post_init__(self) -> None:
+        if self.train.dist_timeout_min is not None:  # the former name of train.init_timeout_min
+            self.train.init_timeout_min, self.train.dist_timeout_min = self.train.dist_timeout_min, None
         validate(self)
 
 
@@ -256,7 +263,8 @@ def validate(cfg: RunConfig) -> None:
         "stego.feature_samples": cfg.stego.feature_samples,
         "ds2dl.dim": cfg.ds2dl.dim,
         "ds2dl.feature_samples": cfg.ds2dl.feature_samples,
-        "train.dist_timeout_min": cfg.train.dist_timeout_min,
+        "train.init_timeout_min (or its former name train.dist_timeout_min)": cfg.train.init_timeout_min,
+        "train.step_timeout_s": cfg.train.step_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

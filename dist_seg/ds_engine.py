@@ -45,7 +45,8 @@ from typing import Any, Optional
 
 import torch
 
-from dist_seg.checkpoints import load_weights_only
+from dist_seg import distributed as D
+from dist_seg.checkpoints import file_digests, load_weights_only
 from dist_seg.methods.base import Batch, Method, StepContext
 
 __all__ = ["DEEPSPEED_SAFE_GLOBALS", "DeepSpeedEngine", "resolve_ds_config"]
@@ -359,6 +360,16 @@ class DeepSpeedEngine:
         """
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={_CLIENT_KEY: dict(client_state or {})})
         return Path(ckpt_dir) / tag
+
+    def file_digests(self, ckpt_dir: str | os.PathLike, tag: str) -> dict[str, dict[str, Any]]:
+        """Size and SHA-256 of every file of checkpoint ``ckpt_dir/tag`` (after :meth:`save`), for the run's
+        checkpoint to record (:func:`dist_seg.checkpoints.verify_files` checks them before a resume).
+
+        Collective: each rank hashes its share of the files and every rank gets the whole record.
+        """
+        D.barrier()  # every rank's shard is on disk before anyone lists the folder
+        part = file_digests(Path(ckpt_dir) / tag, part=(D.get_rank(), D.get_world_size()))
+        return {name: entry for piece in D.all_gather_object(part) for name, entry in sorted(piece.items())}
 
     def load(self, ckpt_dir: str | os.PathLike, tag: Optional[str] = None) -> dict[str, Any]:
         """Restore parameters, optimiser shards and step count; return the ``client_state`` given to :meth:`save`.

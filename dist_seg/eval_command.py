@@ -33,7 +33,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             cfg = merge(cfg, overrides=["tracking.enabled=false", "train.resume=false"])
             result, info = evaluate_checkpoint(method, cfg, crf=args.crf)
             rows[f"{cfg.method} (step {state['step']})"] = result
-            out = args.out or str(Path(args.checkpoint).parent.parent / "eval")
+            out = args.out or str(_run_folder(Path(args.checkpoint)) / "eval")
         else:
             if not args.recipe:
                 raise ConfigError("--baselines needs --recipe (dataset, backbone, resolution and steps)")
@@ -72,6 +72,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
                              colors=getattr(info, "colors", None), name=report_name(name))
         print(f"reports written to {out}")
     return 0
+
+
+def _run_folder(checkpoint: Path) -> Path:
+    """The run folder of ``--checkpoint``: a run folder itself, or the parent of its ``checkpoints/`` folder."""
+    if checkpoint.is_dir():
+        return checkpoint.parent if checkpoint.name == "checkpoints" else checkpoint
+    return checkpoint.parent.parent
 
 
 def report_name(row: str) -> str:

@@ -10,8 +10,10 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional, Union
 
@@ -44,8 +46,6 @@ def make_accelerator(cfg: RunConfig):
         ConfigError: the process was started with Accelerate's own DeepSpeed plugin (a launch config with
             ``distributed_type: DEEPSPEED``), which dist_seg does not use (docs/scaling.md, "DeepSpeed ZeRO-2").
     """
-    from datetime import timedelta
-
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -62,8 +62,9 @@ def make_accelerator(cfg: RunConfig):
         # The safe default for a module the trainer knows nothing about; the trainer sets the method's own choice
         # (Method.find_unused_parameters) before it wraps the method.
         DistributedDataParallelKwargs(find_unused_parameters=True),
-        # An explicit collective timeout instead of torch's 10-minute NCCL default (TrainConfig.dist_timeout_min).
-        InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_min)),
+        # The start-up timeout (train.init_timeout_min) instead of torch's 10-minute NCCL default; the training
+        # loop lowers it to train.step_timeout_s after its first step (HangWatch, below).
+        InitProcessGroupKwargs(timeout=init_timeout(cfg)),
     ]
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.device == "cpu",
                               kwargs_handlers=handlers)
@@ -355,3 +356,232 @@ def recipe_argv(args) -> list[str]:
 def config_from_args(args) -> RunConfig:
     """The recipe named by ``args.recipe`` with ``args.config`` files and ``args.overrides`` merged on top."""
     return resolve_config(load_recipe(args.recipe)(), recipe_argv(args))
+
+
+# ------------------------------------------------------------------------------- timeouts and hang detection
+# Two timeouts (docs/scaling.md, "A rank hangs"). Start-up (process-group set-up, the KNN table, the first step)
+# and the pauses of the loop (validation, checkpoints) run under ``train.init_timeout_min``: slow nodes and a rank
+# working alone are normal there. Training steps after the first run under ``train.step_timeout_s``: a collective
+# that waits that long means a rank stopped. torchtitan's defaults for the same pair are 300 s and 100 s
+# (``comm.init_timeout_seconds``, ``comm.train_timeout_seconds``).
+HEARTBEAT_DIR = "heartbeat"
+
+
+def init_timeout(cfg: RunConfig) -> timedelta:
+    """The start-up timeout (``train.init_timeout_min``)."""
+    return timedelta(minutes=cfg.train.init_timeout_min)
+
+
+def set_collective_timeout(timeout: timedelta) -> bool:
+    """Set the timeout of every later collective of the default process group; False without a group.
+
+    gloo applies it to each collective it starts; NCCL's watchdog aborts the process when one exceeds it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    if hasattr(dist, "set_timeout"):  # torch >= 2.8
+        dist.set_timeout(timeout)
+    else:
+        dist.distributed_c10d._set_pg_timeout(timeout)
+    return True
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that gave up waiting for another rank (gloo's or NCCL's timeout)."""
+    import torch.distributed as dist
+
+    text = str(err).lower()
+    if "timed out" not in text and "timeout" not in text:
+        return False
+    # gloo raises a plain RuntimeError from its transport ("[.../gloo/transport/tcp/...] Timed out waiting ...");
+    # other timeouts (a DataLoader's, a store's) are not a peer that stopped.
+    return isinstance(err, getattr(dist, "DistBackendError", ())) or "gloo" in text or "nccl" in text
+
+
+class HangWatch:
+    """Names the rank that stopped making progress, and switches the collective timeout between phases.
+
+    Every rank runs a daemon thread that writes a heartbeat (its pid, host, the step it last finished, what
+    its loop is doing) to ``<output_dir>/heartbeat/rank-NNNNN.json`` every few seconds and reads the others'.
+    A rank whose heartbeat stops changing (the process is frozen: SIGSTOP, a swapped-out node, a stuck
+    driver call holding the GIL) or whose step stays behind while its loop sits in one activity is named in a
+    warning after half the current timeout, so the line is in the log before the collective timeout (gloo's
+    exception, NCCL's watchdog) tears the job down; :meth:`describe` says the same for the error message.
+
+    The loop tells it where it is: :meth:`reached` after each step (the first call lowers the collective
+    timeout from ``train.init_timeout_min`` to ``train.step_timeout_s``), :meth:`activity` before waiting for
+    data, and :meth:`relaxed` around validation and checkpoints (back to the start-up timeout meanwhile).
+
+    Args:
+        cfg: the run's config (timeouts, ``train.output_dir``).
+        rank: this process's rank.
+        world: number of ranks.
+    """
+
+    def __init__(self, cfg: RunConfig, *, rank: int, world: int) -> None:
+        import socket
+        import threading
+
+        self.rank, self.world = rank, world
+        self.init_s = cfg.train.init_timeout_min * 60.0
+        self.step_s = cfg.train.step_timeout_s
+        self.folder = Path(cfg.train.output_dir) / HEARTBEAT_DIR
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.interval = min(max(self.step_s / 10.0, 0.5), 15.0)
+        self.step: Optional[int] = None  # last finished step (None: not one yet)
+        self.doing = "starting"
+        self.guarded = False  # the short timeout is in force
+        self._seq = 0
+        self._step_changed = time.monotonic()
+        self._seen: dict[int, tuple[int, float, dict]] = {}  # rank -> (seq, when it last changed, heartbeat)
+        self._warned: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dist_seg-hang-watch", daemon=True)
+        self._log = logging.getLogger("dist_seg.runtime")
+
+    # -- what the loop calls ------------------------------------------------------------------------
+    def start(self) -> HangWatch:
+        """Start the heartbeat thread (after the ranks agreed the folder is clear, see :meth:`clear`)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._thread.start()
+        return self
+
+    def clear(self) -> None:
+        """Remove heartbeats left by an earlier run of this ``output_dir`` (rank 0, before a barrier)."""
+        for path in self.folder.glob("rank-*.json"):
+            path.unlink(missing_ok=True)
+
+    def reached(self, step: int) -> None:
+        """A training step finished; the first one switches collectives to the training-loop timeout."""
+        self.step = step
+        self._step_changed = time.monotonic()
+        if not self.guarded:
+            self._guard(True)
+
+    def activity(self, what: str) -> None:
+        """What the loop does now (``"waiting for data"``, ``"training step"``), shown in the reports."""
+        self.doing = what
+
+    def relaxed(self, what: str):
+        """Context manager: the start-up timeout for a pause of the loop (validation, a checkpoint)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def pause():
+            was, before = self.guarded, self.doing
+            self.doing = what
+            if was:
+                self._guard(False)
+            try:
+                yield
+            finally:
+                self.doing = before
+                if was:
+                    self._guard(True)
+
+        return pause()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval + 1)
+
+    # -- reports -------------------------------------------------------------------------------------
+    def stalled(self) -> list[tuple[int, str]]:
+        """``(rank, why)`` for every rank that looks stopped now.
+
+        A rank whose heartbeat has not changed for half the current timeout is frozen. Otherwise, when this
+        rank has finished no step for that long in the training loop, the ranks that are behind it or doing
+        something else (waiting for data while the others wait in a collective of the next step) are named.
+        """
+        now = time.monotonic()
+        limit = (self.step_s if self.guarded else self.init_s) / 2
+        found = []
+        for rank, (_, changed, beat) in sorted(self._seen.items()):
+            if rank != self.rank and now - changed > limit:
+                found.append((rank, f"rank {rank} ({beat.get('host')}, pid {beat.get('pid')}) stopped responding: "
+                                    f"no heartbeat for {now - changed:.0f} s (the last one said: step "
+                                    f"{beat.get('step')} finished, {beat.get('doing')})"))
+        if found or not self.guarded or now - self._step_changed <= limit:
+            return found
+        for rank, (_, _, beat) in sorted(self._seen.items()):
+            step = beat.get("step")
+            if rank != self.rank and ((step is not None and step < self.step) or beat.get("doing") != self.doing):
+                found.append((rank, f"rank {rank} ({beat.get('host')}, pid {beat.get('pid')}) makes no progress: "
+                                    f"it last finished step {step} and is {beat.get('doing')}, while rank "
+                                    f"{self.rank} finished step {self.step} {now - self._step_changed:.0f} s ago "
+                                    f"and is {self.doing}"))
+        return found
+
+    def describe(self) -> str:
+        """One sentence naming the stalled rank(s), or saying that none could be named."""
+        found = self.stalled()
+        if found:
+            return "; ".join(why for _, why in found)
+        if len(self._seen) < self.world:
+            return (f"no rank could be named (heartbeats of {len(self._seen)} of {self.world} ranks seen in "
+                    f"{self.folder}: is train.output_dir on a filesystem all nodes share?)")
+        return "every rank's heartbeat is recent: a rank may be stuck inside a collective or a device call"
+
+    def timeout_message(self, err: BaseException) -> str:
+        """The error of a collective that timed out in the training loop: who stalled, what to do."""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        limit = f"train.step_timeout_s={self.step_s:g}" if self.guarded else \
+            f"train.init_timeout_min={self.init_s / 60:g}"
+        return (f"a collective on rank {self.rank} timed out after step {self.step} ({limit}; {first[:160]}): "
+                f"{self.describe()}. Stop that process (or its node) if it is still there and re-run the same "
+                "command to resume from the last checkpoint; raise the timeout if a step legitimately takes "
+                "that long")
+
+    # -- the thread ----------------------------------------------------------------------------------
+    def _guard(self, on: bool) -> None:
+        self.guarded = on
+        set_collective_timeout(timedelta(seconds=self.step_s if on else self.init_s))
+
+    def _beat(self) -> None:
+        import json
+
+        self._seq += 1
+        beat = {"rank": self.rank, "host": self.host, "pid": self.pid, "seq": self._seq, "step": self.step,
+                "doing": self.doing, "time": time.time()}
+        path = self.folder / f"rank-{self.rank:05d}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(beat))
+            os.replace(tmp, path)
+        except OSError:  # a full or vanished folder must not kill the run it watches
+            pass
+
+    def _read(self) -> None:
+        import json
+
+        now = time.monotonic()
+        for path in self.folder.glob("rank-*.json"):
+            try:
+                beat = json.loads(path.read_text())
+                rank, seq = int(beat["rank"]), int(beat["seq"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being replaced, or not ours
+            if rank >= self.world:
+                continue
+            old = self._seen.get(rank)
+            if old is None or old[0] != seq:
+                self._seen[rank] = (seq, now, beat)
+                self._warned.discard(rank)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+            self._read()
+            found = self.stalled()
+            # One line per stalled rank, from the lowest-numbered rank still working (rank 0 unless it stalled).
+            reporter = min([r for r in range(self.world) if r not in {s for s, _ in found}], default=self.rank)
+            for rank, why in found:
+                if rank not in self._warned and reporter == self.rank:
+                    limit = f"train.step_timeout_s={self.step_s:g}" if self.guarded else \
+                        f"train.init_timeout_min={self.init_s / 60:g}"
+                    self._log.warning("hang watch: %s; the run stops when a collective has waited %s", why, limit)
+                self._warned.add(rank)

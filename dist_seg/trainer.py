@@ -29,7 +29,14 @@ from typing import Optional
 import torch
 
 from dist_seg import distributed as D
-from dist_seg.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from dist_seg.checkpoints import (
+    DEEPSPEED_FILES_KEY,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    select_checkpoint,
+)
 from dist_seg.config import ConfigError, RunConfig, merge, save_config, to_dict
 from dist_seg.data.manifest import DataError
 from dist_seg.features import DataInfo, check_feature_cache, read_data_info  # noqa: F401  (re-exported)
@@ -38,12 +45,16 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 # What every stage needs to start lives in dist_seg.runtime; these names stay importable from here.
 from dist_seg.runtime import (  # noqa: F401  (re-exported)
+    HangWatch,
     add_recipe_arguments,
     default_cache_dir,
+    init_timeout,
+    is_collective_timeout,
     load_recipe,
     make_accelerator,
     recipe_argv,
     resolve_config,
+    set_collective_timeout,
     setup_logging,
 )
 
@@ -70,17 +81,14 @@ def list_checkpoints(cfg: RunConfig) -> list[Path]:
 
 
 def load_latest_checkpoint(cfg: RunConfig) -> tuple[Optional[dict], Optional[Path]]:
-    """Newest checkpoint that loads; unreadable ones (half-written, corrupted) are skipped with a warning.
+    """Newest checkpoint of the run that loads and passes its checksums (with its DeepSpeed shards, for a
+    DeepSpeed run); damaged ones (half-written, truncated, flipped bytes) are named and skipped with a warning
+    (:func:`dist_seg.checkpoints.latest_checkpoint`).
 
     Files are read with ``weights_only=True`` only (:func:`dist_seg.checkpoints.load_checkpoint`): a pickle
     dropped into the folder that would run code is skipped like a corrupted file, never executed.
     """
-    for path in reversed(list_checkpoints(cfg)):
-        try:
-            return load_checkpoint(path), path
-        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
-            log.warning("skipping unreadable checkpoint %s (%s)", path, err)
-    return None, None
+    return latest_checkpoint(checkpoint_dir(cfg), deepspeed=bool(cfg.train.deepspeed_config))
 
 
 def prune_checkpoints(cfg: RunConfig) -> None:
@@ -95,16 +103,17 @@ def load_method_checkpoint(path: str | Path, *, device: str | torch.device = "cp
                            trust: bool = False) -> tuple[Method, RunConfig, dict]:
     """Rebuild a method from a checkpoint (its saved config, optionally overridden) for eval/predict.
 
-    The file is read with ``weights_only=True``; ``trust=True`` (``--trust-checkpoint``) also reads an
-    old-format pickle, which runs any code it holds. Every file that cannot be used raises a
+    ``path`` is a checkpoint file or a run folder (its ``output_dir`` or ``checkpoints/``), where the newest
+    checkpoint that passes its checksums is used (:func:`dist_seg.checkpoints.select_checkpoint`). The file is
+    read with ``weights_only=True``; ``trust=True`` (``--trust-checkpoint``) also reads an old-format pickle,
+    which runs any code it holds. Every file that cannot be used raises a
     :class:`~dist_seg.checkpoints.CheckpointError` (a ``ValueError``) naming it.
     """
     import yaml
 
     from dist_seg.config import from_yaml
 
-    path = Path(path)
-    state = load_checkpoint(path, trust=trust)
+    state, path = select_checkpoint(path, trust=trust)
     try:
         cfg = from_yaml(RunConfig, yaml.safe_dump(dict(state["config"])))
     except (ConfigError, yaml.YAMLError) as err:
@@ -198,6 +207,7 @@ class Trainer:
         self.best_miou = -math.inf
         self.assignment: Optional[list] = None  # cluster -> class matching of the latest validation
         self._stop_requested = False
+        self.resumed_from: Optional[Path] = None  # the checkpoint this run resumed from (named in loss errors)
         self.tracker = None
         # Read at logging/validation/checkpoint steps only (see _check): the first step whose loss was not
         # finite (-1: none), kept on the device so no step waits for it; seconds spent waiting for batches.
@@ -269,7 +279,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers, seed=self.cfg.train.seed, shuffle=shuffle,
             infinite=infinite, start_batch=start_batch, shuffle_buffer=self.cfg.data.shuffle_buffer,
             decode=self._image_decode(infinite) if decode == "image" else decode, half_features=True,
-            pin_memory=self.device.type == "cuda", batch_stage=stage,
+            pin_memory=self.device.type == "cuda", batch_stage=stage, num_classes="manifest",
         )
 
     def _image_decode(self, training_stream: bool) -> str:
@@ -395,7 +405,10 @@ class Trainer:
         state = self.state_dict()  # collective: every rank takes part
         path = None
         if self.engine is not None and not best:
-            self.engine.save(checkpoint_dir(self.cfg) / "deepspeed", f"step-{self.step:08d}")  # collective
+            tag = f"step-{self.step:08d}"
+            self.engine.save(checkpoint_dir(self.cfg) / "deepspeed", tag)  # collective
+            # Sizes and checksums of the ZeRO shards, checked before a resume (collective).
+            state[DEEPSPEED_FILES_KEY] = self.engine.file_digests(checkpoint_dir(self.cfg) / "deepspeed", tag)
         if self.accelerator.is_main_process:
             path = checkpoint_dir(self.cfg) / (BEST_NAME if best else f"step-{self.step:08d}.pt")
             save_checkpoint(state, path)
@@ -407,14 +420,17 @@ class Trainer:
     def maybe_resume(self) -> bool:
         if not self.cfg.train.resume:
             return False
-        state, path = load_latest_checkpoint(self.cfg)
-        # All ranks read the same folder; agree on the newest one rank 0 could load.
+        # Rank 0 picks the newest checkpoint that passes its checksums (naming and skipping damaged ones); every
+        # rank then loads that one.
+        state, path = load_latest_checkpoint(self.cfg) if self.accelerator.is_main_process else (None, None)
         step = D.broadcast_object(None if state is None else int(state["step"]))
         if step is None:
             return False
-        if state is None or int(state["step"]) != step:
-            state = load_checkpoint(checkpoint_dir(self.cfg) / f"step-{step:08d}.pt")
+        path = checkpoint_dir(self.cfg) / f"step-{step:08d}.pt"
+        if state is None:
+            state = load_checkpoint(path)
         self.load_state_dict(state)
+        self.resumed_from = path
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -451,8 +467,17 @@ class Trainer:
                                              "resumed_from_step": str(self.step) if resumed else "0"})
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         status = "FAILED"
+        self.watch = self._start_hang_watch()
         try:
-            result = self._loop()
+            try:
+                result = self._loop()
+            except Exception as err:
+                if is_collective_timeout(err):  # another rank stopped: say which, not gloo's socket error
+                    raise TrainingError(self.watch.timeout_message(err)) from None
+                raise
+            finally:
+                self.watch.close()
+                set_collective_timeout(init_timeout(cfg))
             result["data"] = self._data_report()
             status = "FINISHED" if not self._stop_requested else "KILLED"
             return result
@@ -460,6 +485,15 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             self.tracker.end(status)
+
+    def _start_hang_watch(self) -> HangWatch:
+        """Heartbeats of every rank in ``<output_dir>/heartbeat`` (dist_seg.runtime.HangWatch), cleared of an
+        earlier run's first."""
+        watch = HangWatch(self.cfg, rank=self.rank, world=self.world)
+        if self.accelerator.is_main_process:
+            watch.clear()
+        D.barrier()
+        return watch.start()
 
     def _loop(self) -> dict:
         from dist_seg.eval.evaluate import summary
@@ -474,8 +508,13 @@ class Trainer:
         self.method.train()
         batches = self._batches() if self.step < cfg.train.num_steps else iter(())
         window = _Window()
+        watch = self.watch
         while self.step < cfg.train.num_steps:
-            loss, logs = self.train_step(next(batches))
+            watch.activity("waiting for data")
+            batch = next(batches)
+            watch.activity("in a training step")
+            loss, logs = self.train_step(batch)
+            watch.reached(self.step)  # after the first step, collectives wait train.step_timeout_s at most
             window.steps += 1
             if progress is not None:
                 progress.update(1)
@@ -491,10 +530,11 @@ class Trainer:
                 self._log_train(loss, logs, window, progress)
                 window = _Window()
             paused = time.perf_counter()
-            if at_val and not stop:
-                self._validate_and_select()
-            if stop or at_ckpt:
-                self.save_checkpoint()
+            with watch.relaxed("validating or writing a checkpoint"):  # the start-up timeout meanwhile
+                if at_val and not stop:
+                    self._validate_and_select()
+                if stop or at_ckpt:
+                    self.save_checkpoint()
             window.paused += time.perf_counter() - paused  # validation and checkpoints are not step time
             if stop:
                 self._stop_requested = True
@@ -506,8 +546,9 @@ class Trainer:
         if progress is not None:
             progress.close()
         # The final checkpoint comes after the final validation so it carries that cluster→class matching.
-        result = self._validate_and_select(final=True) or {}
-        self.save_checkpoint()
+        with watch.relaxed("validating or writing a checkpoint"):
+            result = self._validate_and_select(final=True) or {}
+            self.save_checkpoint()
         return {"step": self.step, "stopped": False, "val": result,
                 "metrics": summary(result) if result else {}}
 
@@ -545,8 +586,14 @@ class Trainer:
         stop = torch.ones_like(bad) if self._stop_requested else torch.zeros_like(bad)
         flags = D.all_reduce_max(torch.stack([bad, stop])).tolist()
         if flags[0] > 0:
-            raise TrainingError(f"non-finite loss at step {_NEVER - flags[0]}: lower the learning rates, enable "
-                                "train.grad_clip, or check the features (mixed precision overflow?)")
+            resumed = ""
+            if self.resumed_from is not None:
+                # A checkpoint damaged in a way its checksums cannot see (written after the weights went bad)
+                # would fail every re-run the same way: say where this run came from.
+                resumed = (f" (this run resumed from {self.resumed_from}: if the loss was finite before it, delete "
+                           "that checkpoint to resume from the previous one)")
+            raise TrainingError(f"non-finite loss at step {_NEVER - flags[0]}{resumed}: lower the learning rates, "
+                                "enable train.grad_clip, or check the features (mixed precision overflow?)")
         return bool(flags[1])
 
     def _log_train(self, loss: torch.Tensor, logs: dict, window: _Window, progress) -> None:

@@ -21,8 +21,10 @@ from PIL import Image
 
 from dist_seg import cli
 from dist_seg.checkpoints import (
+    CHECKSUM_KEY,
     FORMAT_KEY,
     CheckpointError,
+    DamagedCheckpointError,
     UntrustedCheckpointError,
     load_checkpoint,
     save_checkpoint,
@@ -227,3 +229,81 @@ def test_newer_format_and_wrong_layout_are_refused(tmp_path):
     torch.save({**base, "method": {"w": 3}}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="state dict of tensors"):
         load_checkpoint(tmp_path / "odd.pt")
+
+
+# ------------------------------------------------------------------------------- damaged checkpoints
+def flip_tensor_bytes(path: Path, count: int = 4) -> None:
+    """Invert ``count`` bytes in the middle of the largest tensor storage inside a torch zip checkpoint.
+
+    torch stores each storage as an uncompressed zip member (``<archive>/data/<key>``), so the bytes are
+    changed in place where the tensor's data lies and ``torch.load`` still accepts the file.
+    """
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert member.compress_type == zipfile.ZIP_STORED, "torch stores tensor data uncompressed"
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+        start = member.header_offset + 30 + name_len + extra_len + member.file_size // 2
+        f.seek(start)
+        data = f.read(count)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _changed_tensors(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in a.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, torch.Tensor):
+            if not torch.equal(value, b[key]) and not (value.isnan().any() and b[key].isnan().any()):
+                out.append(name)
+        elif isinstance(value, dict):
+            out += _changed_tensors(value, b[key], name)
+    return out
+
+
+def test_flipped_bytes_inside_a_tensor_are_found_and_named(trained, tmp_path, capsys, caplog):
+    """torch.load accepts a weight with 4 flipped bytes; the checksum written with the checkpoint does not:
+    a named file is a one-line error, a run folder falls back to the previous valid checkpoint."""
+    tmp, ckpt = trained
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    good, bad = folder / "step-00000002.pt", folder / "step-00000004.pt"
+    shutil.copy(ckpt, good)
+    state = torch.load(ckpt, weights_only=True)
+    state["step"] = 4
+    save_checkpoint(state, bad)
+    flip_tensor_bytes(bad)
+
+    damaged = torch.load(bad, weights_only=True)  # what made the bug: torch itself sees nothing wrong
+    changed = _changed_tensors(damaged, load_checkpoint(good))
+    changed = [n for n in changed if n not in ("step", "checksums")]
+    assert len(changed) == 1, f"expected one changed tensor, got {changed}"
+    with pytest.raises(DamagedCheckpointError, match=rf"tensor {changed[0]} does not match the checksum"):
+        load_checkpoint(bad)
+
+    assert cli.main(["eval", "--checkpoint", str(bad), "--out", str(tmp_path / "ev")]) == 2
+    line = _one_line_error(capsys.readouterr(), bad)
+    assert "is damaged" in line and changed[0] in line, line
+
+    # Given the run folder, eval names the damaged newest checkpoint and scores the previous one.
+    caplog.clear()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run")]) == 0
+    assert "stego (step 2)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval").is_dir(), "reports go to the run folder's eval/"
+    skipped = [r.getMessage() for r in caplog.records if "skipping unreadable checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and str(bad) in skipped[0] and "is damaged" in skipped[0], skipped
+
+
+def test_a_checkpoint_without_checksums_still_loads(trained, tmp_path):
+    """Checkpoints written before checksums were (no 'checksums' entry) load unchecked."""
+    _, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    assert set(state[CHECKSUM_KEY]) >= {f"method.{k}" for k in state["method"]}, "every tensor has a checksum"
+    del state[CHECKSUM_KEY]
+    torch.save(state, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["step"] == 2

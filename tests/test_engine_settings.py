@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_seg.config import ConfigError, RunConfig, merge
+from dist_seg.config import ConfigError, RunConfig, from_yaml, merge
 
 
 @pytest.fixture
@@ -88,8 +88,16 @@ def test_process_group_timeout_is_explicit(monkeypatch):
     assert kwargs["InitProcessGroupKwargs"] == {"timeout": timedelta(minutes=60)}
     kwargs = _accelerator_kwargs(monkeypatch, "train.dist_timeout_min=5")
     assert kwargs["InitProcessGroupKwargs"] == {"timeout": timedelta(minutes=5)}
+    kwargs = _accelerator_kwargs(monkeypatch, "train.init_timeout_min=7")
+    assert kwargs["InitProcessGroupKwargs"] == {"timeout": timedelta(minutes=7)}
     with pytest.raises(ConfigError, match="dist_timeout_min"):
         merge(RunConfig(), overrides=["train.dist_timeout_min=0"])
+    with pytest.raises(ConfigError, match="step_timeout_s"):
+        merge(RunConfig(), overrides=["train.step_timeout_s=0"])
+    # A config saved before the rename (a checkpoint's, a YAML file) still loads, into the new name.
+    old = from_yaml(RunConfig, "train:\n  dist_timeout_min: 30\n")
+    assert old.train.init_timeout_min == 30 and old.train.dist_timeout_min is None
+    assert RunConfig().train.step_timeout_s <= 300, "the training-loop timeout is at most 5 minutes by default"
 
 
 def test_accelerate_deepspeed_plugin_is_refused_with_the_working_route(monkeypatch):

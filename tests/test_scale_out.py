@@ -114,3 +114,35 @@ def test_deepspeed_trainer_resumes(toy_root, tmp_path):
     assert full["step"] == resumed["step"] == 4
     for key, value in full["method"].items():
         assert torch.equal(value, resumed["method"][key]), f"{key} differs after a DeepSpeed resume"
+
+
+def _train_logged(rank: int, world: int, root: str, out: str, steps: int) -> dict:
+    """:func:`_train_phase` that also returns the dist_seg warnings and the checkpoint it resumed from."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("dist_seg").addHandler(handler)
+    logging.getLogger("dist_seg").setLevel(logging.INFO)
+    try:
+        result = _train_phase(rank, world, root, out, steps)
+    finally:
+        logging.getLogger("dist_seg").removeHandler(handler)
+    return {**result, "log": records}
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_skips_a_truncated_shard(toy_root, tmp_path):
+    """A truncated ZeRO shard of the newest DeepSpeed checkpoint: named, skipped, and the 2-rank run resumes
+    from the checkpoint before and finishes (that a DeepSpeed resume is exact is test_deepspeed_trainer_resumes)."""
+    run_distributed(_train_phase, 2, str(toy_root), str(tmp_path / "split"), 4)
+    tag = tmp_path / "split" / "checkpoints" / "deepspeed" / "step-00000004"
+    shard = sorted(tag.glob("*optim_states.pt"))[-1]  # the last rank's optimiser shard
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    resumed = run_distributed(_train_logged, 2, str(toy_root), str(tmp_path / "split"), 6)
+    skipped = [m for m in resumed[0]["log"] if "skipping unreadable checkpoint" in m]
+    assert len(skipped) == 1 and str(shard) in skipped[0] and "truncated" in skipped[0], resumed[0]["log"]
+    assert any("resumed from" in m and "step-00000002.pt" in m for m in resumed[0]["log"]), resumed[0]["log"]
+    assert resumed[0]["step"] == 6
+    assert not any("skipping" in m for m in resumed[1]["log"]), "only rank 0 chooses the checkpoint"

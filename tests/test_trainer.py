@@ -233,3 +233,44 @@ def test_unlabelled_folder_trains_and_reports_label_free(tmp_path):
     assert result["val"]["cluster"] is None, "an unlabelled split has no mIoU"
     assert -1.0 <= result["metrics"]["label_free"] <= 1.0
     assert final_state(out)["meta"]["has_labels"] is False
+
+
+def test_damaged_newest_checkpoint_is_named_and_resume_uses_the_previous(toy_root, tmp_path, caplog):
+    """Four flipped bytes inside a weight of the newest checkpoint (torch.load accepts the file): the resumed
+    run names it, skips it, resumes from the checkpoint before and ends where an uninterrupted run ends."""
+    from tests.test_checkpoints import flip_tensor_bytes
+
+    def cfg(out: Path, steps: int) -> RunConfig:
+        return merge(load_recipe(RECIPE)(), overrides=small(toy_root, out, f"train.num_steps={steps}",
+                                                            "train.checkpoint_every=2", "train.val_every=0",
+                                                            "train.keep_last=10", "tracking.enabled=false"))
+
+    train(cfg(tmp_path / "ref", 6))
+    run = tmp_path / "run"
+    train(cfg(run, 4))
+    damaged = run / "checkpoints" / "step-00000004.pt"
+    flip_tensor_bytes(damaged)
+    caplog.clear()
+    train(cfg(run, 6))
+    messages = [r.getMessage() for r in caplog.records]
+    skipped = [m for m in messages if "skipping unreadable checkpoint" in m]
+    assert len(skipped) == 1 and str(damaged) in skipped[0] and "does not match the checksum" in skipped[0], skipped
+    assert any("resumed from" in m and "step-00000002.pt" in m for m in messages), messages
+    _assert_same_params(final_state(tmp_path / "ref"), final_state(run))
+
+
+def test_nonfinite_loss_after_resume_names_the_checkpoint(toy_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    base = small(toy_root, out, "train.checkpoint_every=2", "train.val_every=0", "tracking.enabled=false")
+    train(merge(load_recipe(RECIPE)(), overrides=[*base, "train.num_steps=2"]))
+    from dist_seg.methods.stego import StegoMethod
+
+    real = StegoMethod.training_loss
+
+    def poisoned(self, batch, ctx):
+        loss, logs = real(self, batch, ctx)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(StegoMethod, "training_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 2 \(this run resumed from .*step-00000002\.pt"):
+        train(merge(load_recipe(RECIPE)(), overrides=[*base, "train.num_steps=4"]))

@@ -59,7 +59,8 @@ def check_split(root: str | os.PathLike, split: str, *, features: bool = False, 
     root = Path(root)
     shards = resolve_shards(root, split)
     loader, _ = make_loader(root, split, batch_size=1, res=None, num_workers=num_workers, shuffle=False,
-                            infinite=False, decode="features" if features else "full", nodesplitter=None)
+                            infinite=False, decode="features" if features else "full", nodesplitter=None,
+                            num_classes="manifest")
     readable = sum(int(batch["index"].numel()) for batch in loader)
     counter = loader.skip_counter
     damaged = sorted(counter.damaged(), key=lambda r: (r.shard, r.key))

@@ -573,10 +573,14 @@ class RecordDecoder:
     not decoded: ``jpeg`` holds its bytes as a uint8 tensor (batches keep a list), to be decoded and
     resized on the GPU by :func:`dist_seg.data.transforms.decode_jpeg_batch`. Only the JPEG header is read
     here (size check against the label). PNG records are decoded as with ``"image"``.
+
+    With ``num_classes`` (the dataset's class count), a label holding an id outside ``[0, num_classes)``
+    that is not the ignore value 255 makes the record damaged (:func:`check_label_ids`): it is skipped,
+    counted and named like an unreadable one (docs/decisions.md, "Labels out of range").
     """
 
     def __init__(self, *, decode: str = "image", res: int | None = None, half_features: bool = False,
-                 labels: bool = True) -> None:
+                 labels: bool = True, num_classes: int | None = None) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if decode == "image" and res is not None and res < 1:
@@ -585,6 +589,7 @@ class RecordDecoder:
         self.res = res
         self.feat_dtype = np.float16 if half_features else np.float32
         self.labels = labels
+        self.num_classes = num_classes
         self._decoder = wds.Decoder(
             [wds.handle_extension("label.png", decode_label_png), wds.imagehandler("rgb8")],
             only=["jpg", "png", "label.png", "feat.npy", "gap.npy", "feat_flip.npy"],
@@ -610,6 +615,8 @@ class RecordDecoder:
             return self._encoded(raw, meta)
         sample = self._decoder(raw)
         label = sample.get("label.png")
+        if label is not None and self.num_classes is not None:
+            check_label_ids(label, self.num_classes)
         out: dict[str, Any] = {"index": torch.tensor(int(meta["index"]), dtype=torch.int64)}
         if self.mode in ("image", "full", "encoded"):
             image = sample.get("jpg", sample.get("png"))
@@ -658,6 +665,8 @@ class RecordDecoder:
                 raise DataError(f"jpg member is a {img.format} image, not JPEG")
             width, height = img.size
         label = decode_label_png(raw["label.png"]) if "label.png" in raw else None
+        if label is not None and self.num_classes is not None:
+            check_label_ids(label, self.num_classes)
         if label is not None and label.shape != (height, width):
             raise DataError(f"label {label.shape} != image {(height, width)}")
         res = self.res
@@ -670,6 +679,19 @@ class RecordDecoder:
         else:
             out["label"] = T.label_to_tensor(T.resize_center_crop_label(label, res), (res, res))
         return out
+
+
+def check_label_ids(label: np.ndarray, num_classes: int) -> None:
+    """Raise :class:`DataError` naming the ids of ``label`` (a stored 8-bit label map) outside
+    ``[0, num_classes)`` that are not the ignore value 255, and how many pixels hold them."""
+    bad = (label >= num_classes) & (label != T.IGNORE_INDEX)
+    if not bad.any():
+        return
+    ids = np.unique(label[bad])
+    shown = ", ".join(str(int(i)) for i in ids[:8]) + (", ..." if len(ids) > 8 else "")
+    raise DataError(f"label ids {shown} outside 0..{num_classes - 1} and not {T.IGNORE_INDEX} (ignore) in "
+                    f"{int(bad.sum())} pixels: the label map does not belong to this {num_classes}-class dataset "
+                    "(re-write it, or prepare the dataset again)")
 
 
 def _parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
@@ -1044,6 +1066,7 @@ def make_loader(
     pin_memory: bool = False,
     half_features: bool = False,
     batch_stage: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
+    num_classes: int | None | str = None,
 ) -> tuple[wds.WebLoader, int | None]:
     """Stream a split as batches with ``webdataset``.
 
@@ -1084,6 +1107,10 @@ def make_loader(
         half_features: keep cached features in their stored fp16 (see :class:`RecordDecoder`).
         batch_stage: a further stage applied to the batches inside the worker that made them (e.g.
             :class:`dist_seg.data.partners.PartnerReader`).
+        num_classes: records whose label holds an id outside ``[0, num_classes)`` other than 255 are skipped,
+            counted and named as damaged; ``"manifest"`` reads the class count from the dataset folder's
+            manifest (no check for URL lists or unlabelled data); None (default) checks nothing (stages that
+            do not use labels: KNN descriptors, feature extraction).
 
     Returns:
         ``(loader, num_batches)``: batches are dicts of ``image`` uint8 ``[B, 3, res, res]``, ``label``
@@ -1159,7 +1186,12 @@ def make_loader(
     counter = source.skip_counter
     stages = [
         source,
-        wds.map(RecordDecoder(decode=decode, res=res, half_features=half_features), handler=counter.sample_handler),
+        _DecodeStage(RecordDecoder(decode=decode, res=res, half_features=half_features,
+                                   num_classes=_manifest_classes(root) if num_classes == "manifest" else num_classes),
+                     counter.sample_handler,
+                     # An endless stream that can decode nothing would spin forever: stop after a whole split's
+                     # worth of records in a row was skipped.
+                     limit=(shards.num_samples or 10_000) if infinite else None, split=split),
         wds.batched(batch_size, collation_fn=_collate, partial=not drop_last),
     ]
     if batch_stage is not None:
@@ -1182,6 +1214,42 @@ def make_loader(
     loader.dataset = source
     loader.set_epoch = source.set_epoch
     return loader, num_batches
+
+
+class _DecodeStage:
+    """``wds.map(decoder, handler=handler)`` that raises :class:`DataError` once ``limit`` records in a row were
+    skipped (None: never), so a training stream over a split where nothing decodes stops instead of spinning.
+    A class, not a closure: loaders started with ``spawn`` pickle their stages."""
+
+    def __init__(self, decoder: RecordDecoder, handler: Callable[[BaseException], bool], *, limit: int | None,
+                 split: str) -> None:
+        self.decoder, self.handler, self.limit, self.split = decoder, handler, limit, split
+
+    def __call__(self, records: Iterator[dict]) -> Iterator[dict]:
+        failed = 0
+        for raw in records:
+            try:
+                out = self.decoder(raw)
+            except Exception as exn:  # noqa: BLE001 - the handler decides, as in wds.map
+                if not self.handler(exn):
+                    break
+                failed += 1
+                if self.limit is not None and failed >= self.limit:
+                    raise DataError(f"{failed} records of split '{self.split}' in a row could not be used (the "
+                                    f"last: {exn}); run `dist-seg check-data` on the dataset to list them") from None
+                continue
+            failed = 0
+            yield out
+
+
+def _manifest_classes(root: PathLike | Sequence[str]) -> int | None:
+    """The class count in the manifest of dataset folder ``root`` (None: no folder, manifest or classes)."""
+    if not isinstance(root, (str, os.PathLike)) or not Path(root).is_dir():
+        return None
+    try:
+        return read_manifest(root).num_classes
+    except DataError:
+        return None
 
 
 # ------------------------------------------------------------------------------------ random access

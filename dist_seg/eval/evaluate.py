@@ -309,6 +309,7 @@ def validate_run(method: Method, cfg, info, *, device: torch.device, local_batch
         batch_size=local_batch, res=cfg.data.eval_res, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         shuffle=False, infinite=False, start_batch=0, shuffle_buffer=cfg.data.shuffle_buffer,
         decode="features" if cached else "image", half_features=True, pin_memory=device.type == "cuda",
+        num_classes="manifest",  # labels outside the class range: skipped, counted and named
     )
     if method.inputs == "images":
         feature_fn = image_feature_fn(device)
@@ -382,7 +383,8 @@ def evaluate_checkpoint(method: Method, cfg, *, crf: Optional[bool] = None, acce
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The flags of ``dist-seg eval`` (run by :mod:`dist_seg.eval_command`)."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training checkpoint (.pt) to evaluate")
+    src.add_argument("--checkpoint", help="a training checkpoint (.pt) to evaluate, or a run folder (its newest "
+                     "checkpoint that passes its checksums)")
     src.add_argument("--baselines", nargs="+", choices=["raw", "pca", "rp"],
                      help="evaluate backbone-feature baselines (probes fit on the training split)")
     parser.add_argument("--recipe", help="recipe file for --baselines (dataset, backbone, resolution)")
