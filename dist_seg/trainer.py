@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,13 +37,19 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 # What every stage needs to start lives in dist_seg.runtime; these names stay importable from here.
 from dist_seg.runtime import (  # noqa: F401  (re-exported)
+    RESUMABLE_EXIT,
+    OutputDirBusy,
+    StopSignals,
     add_recipe_arguments,
     default_cache_dir,
     load_recipe,
+    lock_output_dir,
     make_accelerator,
     recipe_argv,
     resolve_config,
     setup_logging,
+    unlock_output_dir,
+    watch_launcher,
 )
 
 log = logging.getLogger("dist_seg.trainer")
@@ -428,16 +433,38 @@ class Trainer:
                             num_overlays=num_overlays, crf=crf)
 
     # -- the loop --------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
-        log.warning("signal %d received at step %d: checkpointing at the next logging step, then exiting", signum,
-                    self.step)
+    def _request_stop(self, signum, frame=None) -> None:  # noqa: ARG002
+        log.warning("rank %d: signal %d received at step %d: checkpointing at the next logging step, then exiting "
+                    "with status %d", self.rank, signum, self.step, RESUMABLE_EXIT)
         self._stop_requested = True
 
+    def _lock_output_dir(self) -> None:
+        """One live run per output folder: rank 0 takes the lock (dist_seg.runtime.lock_output_dir), every rank
+        learns the outcome, and all refuse together when another run holds it."""
+        busy = None
+        if self.accelerator.is_main_process:
+            try:
+                lock_output_dir(self.cfg.train.output_dir)
+            except OutputDirBusy as err:
+                busy = str(err)
+        busy = D.broadcast_object(busy)
+        if busy is not None:
+            raise OutputDirBusy(busy)
+
     def fit(self) -> dict:
+        out_dir = Path(self.cfg.train.output_dir)
+        self._lock_output_dir()
+        try:
+            return self._fit(out_dir)
+        finally:
+            if self.accelerator.is_main_process:
+                unlock_output_dir(out_dir)
+
+    def _fit(self, out_dir: Path) -> dict:
         from dist_seg.tracking import Tracker
 
         cfg = self.cfg
-        out_dir = Path(cfg.train.output_dir)
+        watch_launcher()  # a rank whose launcher dies stops (no orphans training on)
         if self.accelerator.is_main_process:
             save_config(cfg, out_dir / "config.yaml")
         resumed = self.maybe_resume()
@@ -449,16 +476,14 @@ class Trainer:
                                              "backbone.weights_id": getattr(self.backbone, "weights_id", "cache"),
                                              "method": cfg.method, "world_size": str(self.world),
                                              "resumed_from_step": str(self.step) if resumed else "0"})
-        previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         status = "FAILED"
         try:
-            result = self._loop()
+            with StopSignals(self._request_stop):  # SIGTERM / SIGUSR1: agree on a step, checkpoint, stop
+                result = self._loop()
             result["data"] = self._data_report()
             status = "FINISHED" if not self._stop_requested else "KILLED"
             return result
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             self.tracker.end(status)
 
     def _loop(self) -> dict:
@@ -500,8 +525,8 @@ class Trainer:
                 self._stop_requested = True
                 if progress is not None:
                     progress.close()
-                log.warning("stopped at step %d after a termination signal; re-run the same command to resume",
-                            self.step)
+                log.warning("rank %d stopped at step %d after a termination signal (exit status %d); re-run the "
+                            "same command to resume", self.rank, self.step, RESUMABLE_EXIT)
                 return {"step": self.step, "stopped": True}
         if progress is not None:
             progress.close()
@@ -656,12 +681,6 @@ def _dataset_record(cfg: RunConfig) -> Optional[dict]:
         return None
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Means over ranks of scalars (floats or 0-dim tensors on any device), read with one device-to-host copy."""
     keys = sorted(values)
@@ -701,9 +720,11 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
             result = train(cfg, accelerator)
         finally:
             accelerator.end_training()
-    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError) as err:
+    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError, OutputDirBusy) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    if result.get("stopped"):
+        return RESUMABLE_EXIT  # checkpointed after SIGTERM/SIGUSR1: the same command resumes
     val = result.get("val")
     if is_main and val:
         from dist_seg.eval.evaluate import format_table

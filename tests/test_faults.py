@@ -1,0 +1,184 @@
+"""Runs that survive preemption, dead ranks and dead launchers (issue 28, items 1, 2 and 5).
+
+Real processes and real signals, 2 gloo ranks with 2 loader workers each (the recipes' default), on the toy
+data. Each check compares the final checkpoint of an interrupted-and-resumed run, parameter for parameter,
+with an uninterrupted run's. docs/scaling.md, "When things fail", is the user's side of each.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from dist_seg.config import RunConfig, merge
+from dist_seg.runtime import RESUMABLE_EXIT, OutputDirBusy, lock_output_dir, unlock_output_dir
+from dist_seg.trainer import list_checkpoints, load_latest_checkpoint
+from tests.dist_utils import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "stego_toy.py")
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    from dist_seg.data.toy import generate_toy
+
+    root = tmp_path_factory.mktemp("toy")
+    generate_toy(root, num_train=64, num_val=16, samples_per_shard=8)
+    return root
+
+
+def overrides(root: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    """A seconds-long 2-rank run with 2 loader workers per rank; no periodic checkpoint unless asked."""
+    return [f"data.root={root}", f"train.output_dir={out}", "data.batch_size=8", "data.num_workers=2",
+            "data.shuffle_buffer=16", "stego.feature_samples=5", "stego.neg_samples=2", "train.log_every=2",
+            f"train.num_steps={steps}", "train.checkpoint_every=1000", "train.val_every=0", "train.keep_last=10",
+            "tracking.enabled=false", "stego.dropout=0.1", *extra]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1",
+            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra}
+
+
+def start_ranks(out: Path, root: Path, log: Path, *extra: str, steps: int = STEPS) -> list[subprocess.Popen]:
+    """Two rank processes in ONE new process group, started the way SLURM's ``srun`` starts tasks (no agent
+    between them and the signal): ``kill -TERM -PGID`` reaches both ranks and their 4 loader workers."""
+    port = str(free_port())
+    procs: list[subprocess.Popen] = []
+    for rank in range(2):
+        env = cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with open(f"{log}.{rank}", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, RECIPE, *overrides(root, out, *extra, steps=steps)],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                          process_group=procs[0].pid if procs else 0))
+    return procs
+
+
+def accelerate_cmd(out: Path, root: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(free_port()), RECIPE, *overrides(root, out, *extra, steps=steps)]
+
+
+def torchrun_cmd(out: Path, root: Path, *extra: str, restarts: int = 0, steps: int = STEPS) -> list[str]:
+    """The restart launcher of docs/scaling.md: torchrun with c10d rendezvous (needs
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment, see :func:`restart_env`)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+            "--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"localhost:{free_port()}", RECIPE, *overrides(root, out, *extra, steps=steps)]
+
+
+def restart_env() -> dict[str, str]:
+    return cpu_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+
+
+def wait_for_text(path: Path, text: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    start = time.time()
+    while text not in (path.read_text() if path.exists() else ""):
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"the run ended before {text!r} appeared in {path}:\n{path.read_text()[-3000:]}")
+        assert time.time() - start < timeout, f"{text!r} did not appear in {path} within {timeout} s"
+        time.sleep(0.05)
+
+
+def wait_for_path(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    start = time.time()
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), f"the run ended before {path.name} appeared"
+        assert time.time() - start < timeout, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)
+
+
+def checkpoints(out: Path) -> list[str]:
+    return [p.name for p in list_checkpoints(merge(RunConfig(), overrides=[f"train.output_dir={out}"]))]
+
+
+def final_state(out: Path) -> dict:
+    state, _ = load_latest_checkpoint(merge(RunConfig(), overrides=[f"train.output_dir={out}"]))
+    assert state is not None, f"no checkpoint in {out}"
+    return state
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), f"parameter {key} differs from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def reference(toy_root, tmp_path_factory) -> dict:
+    """The final checkpoint of an uninterrupted 2-rank run."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = subprocess.run(accelerate_cmd(out, toy_root), env=cpu_env(), capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return final_state(out)
+
+
+# ------------------------------------------------------------------------------ 1. preemption
+@pytest.mark.slow
+def test_sigterm_to_process_group_with_loader_workers_checkpoints_and_resumes(toy_root, tmp_path, reference):
+    """SIGTERM to the process group of 2 ranks and their 4 loader workers: the workers outlive it, the ranks
+    agree on one stop step, write one checkpoint there and exit 75; the same command resumes to the
+    uninterrupted run's parameters."""
+    out, log = tmp_path / "run", tmp_path / "rank.err"
+    procs = start_ranks(out, toy_root, log)
+    wait_for_text(Path(f"{log}.0"), "step 4/", procs)
+    # Each rank has its 2 loader workers now: the signal reaches 6 processes.
+    assert all(len(psutil.Process(p.pid).children()) == 2 for p in procs), "expected 2 loader workers per rank"
+    os.killpg(procs[0].pid, signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    errs = [Path(f"{log}.{r}").read_text() for r in range(2)]
+    assert codes == [RESUMABLE_EXIT, RESUMABLE_EXIT], f"exit statuses {codes}:\n{errs[0][-3000:]}"
+    assert not any("killed by signal" in e for e in errs), errs[0][-3000:]
+    saved = checkpoints(out)
+    assert len(saved) == 1, f"one checkpoint at the stop step, got {saved}"
+    step = final_state(out)["step"]
+    assert 4 <= step < STEPS
+    for rank, err in enumerate(errs):
+        assert f"rank {rank} stopped at step {step} " in err, f"rank {rank} did not stop at step {step}:\n{err[-2000:]}"
+
+    procs = start_ranks(out, toy_root, log)  # the same command
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [0, 0], Path(f"{log}.0").read_text()[-3000:]
+    assert f"resumed from {out / 'checkpoints' / saved[0]}" in Path(f"{log}.0").read_text()
+    assert_same_params(reference, final_state(out))
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_checkpoints_and_resumes(toy_root, tmp_path, reference):
+    """The issue's command: SIGTERM to the process group of ``accelerate launch`` (its elastic agent forwards
+    it to each rank's process group, loader workers included). The launcher itself ends by the signal
+    (143); the ranks agree on a step, checkpoint once, and the same command resumes exactly."""
+    out, log = tmp_path / "run", tmp_path / "launch.err"
+    cmd = accelerate_cmd(out, toy_root)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                start_new_session=True)
+    wait_for_text(log, "step 4/", [proc])
+    os.killpg(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=300)
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM, f"launcher status {code}:\n{text[-3000:]}"
+    assert "killed by signal" not in text, text[-3000:]
+    saved = checkpoints(out)
+    assert len(saved) == 1, f"one checkpoint at the stop step, got {saved}:\n{text[-3000:]}"
+    step = final_state(out)["step"]
+    assert f"rank 0 stopped at step {step} " in text and f"rank 1 stopped at step {step} " in text, text[-3000:]
+
+    res = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_params(reference, final_state(out))
