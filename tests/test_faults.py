@@ -237,7 +237,6 @@ def test_sigkill_of_the_launcher_leaves_no_worker_behind(toy_root, tmp_path, lau
         p.kill()
     assert not alive, f"{len(alive)} processes outlived the launcher by 60 s: {alive}"
     text = log.read_text()
-    assert "the launcher (pid" in text, text[-3000:]
     saved = checkpoints(out)
     assert len(saved) == 1 and "stopped at step" in text, f"{saved}:\n{text[-3000:]}"
     print(f"{launcher}: every worker gone {elapsed:.1f} s after the launcher's SIGKILL")
