@@ -460,6 +460,36 @@ def loader_worker_init(parent: Optional[int] = None) -> None:
     die_with_parent(signal.SIGKILL, parent=parent)
 
 
+_reaper_registered = False
+
+
+def reap_loader_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the daemonic child processes (loader workers) still alive.
+
+    multiprocessing ends daemonic children at exit with SIGTERM and then joins them; loader workers ignore
+    SIGTERM (:func:`loader_worker_init`), so a rank leaving through an exception, with a loader still open,
+    would wait for them forever. Registered once per process, after multiprocessing's own exit hook, so it
+    runs first (atexit is last-in, first-out).
+    """
+    global _reaper_registered
+    if _reaper_registered:
+        return
+    import atexit
+    import multiprocessing
+    import multiprocessing.util  # noqa: F401  (its exit hook is registered at import: ours must come later)
+
+    def reap() -> None:
+        if threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler would report each killed worker as a loader failure on the way out.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(reap)
+    _reaper_registered = True
+
+
 def launched_by_agent(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Whether this process was started by torch's elastic agent (``torchrun``, ``accelerate launch``)."""
     environ = os.environ if environ is None else environ

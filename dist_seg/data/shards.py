@@ -58,7 +58,7 @@ from dist_seg.data.manifest import (
     SplitInfo,
     read_manifest,
 )
-from dist_seg.runtime import loader_worker_init
+from dist_seg.runtime import loader_worker_init, reap_loader_workers_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -1168,6 +1168,8 @@ def make_loader(
     ]
     if batch_stage is not None:
         stages.append(batch_stage)
+    if num_workers > 0:
+        reap_loader_workers_at_exit()  # the workers ignore SIGTERM: multiprocessing's exit hook cannot end them
     loader = wds.WebLoader(
         wds.DataPipeline(*stages),
         batch_size=None,
