@@ -282,3 +282,64 @@ def test_train_refuses_an_output_dir_held_by_a_live_run(toy_root, tmp_path):
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
     assert f"in use by another live run (pid {holder.pid} on {socket.gethostname()})" in errors[0]
     assert "Traceback" not in res.stderr and not checkpoints(out)
+
+
+# -------------------------------------------------------------------- 2a. SLURM time limit and requeue
+SLURM_STEPS = 600
+
+
+@pytest.fixture
+def local_slurm(tmp_path):
+    from tests._slurm import LocalSlurm, missing
+
+    why = missing()
+    if why is not None:
+        pytest.skip(f"no local SLURM: {why}")
+    cluster = LocalSlurm(tmp_path / "slurm")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, toy_root, tmp_path):
+    """launch/slurm_multinode.sbatch on a real one-node SLURM: a job whose time limit (2 min) is shorter than
+    its work gets SIGUSR1 (--signal=B:USR1@100 here, the script's own is @600), the trap stops the ranks at a
+    checkpoint, the script requeues the job, and the requeued job (the same command) resumes and finishes
+    with the parameters of an uninterrupted run."""
+    out = tmp_path / "run"
+    job_log = tmp_path / "job.out"
+    env = {**local_slurm.env, **cpu_env(GPUS_PER_NODE="2", MAIN_PORT=str(free_port()), LAUNCHER="torchrun"),
+           "SLURM_CONF": str(local_slurm.conf)}
+    res = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=2",
+         "--signal=B:USR1@100", f"--output={job_log}", "launch/slurm_multinode.sbatch", RECIPE,
+         *overrides(toy_root, out, steps=SLURM_STEPS)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"sbatch failed: {res.stderr}"
+    job = res.stdout.strip().split(";")[0]
+    start, deadline, restarts = time.time(), time.time() + 900, 0
+    while time.time() < deadline:
+        state = local_slurm.job_field(job, "JobState")
+        restarts = int(local_slurm.job_field(job, "Restarts") or 0)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        if restarts >= 1 and local_slurm.job_field(job, "TimeLimit") == "00:02:00" and state == "RUNNING":
+            # One requeue shows the path; give the requeued job room to finish instead of looping.
+            local_slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+        time.sleep(1)
+    text = job_log.read_text() if job_log.exists() else ""
+    assert state == "COMPLETED", f"job {job} is {state} after {time.time() - start:.0f} s:\n{text[-4000:]}"
+    assert restarts >= 1, f"the job was never requeued:\n{text[-4000:]}"
+    assert "time limit near (SIGUSR1)" in text and "requeueing job" in text, text[-4000:]
+    assert "stopped at step" in text and "resumed from" in text, text[-4000:]
+    assert "killed by signal" not in text
+    print(f"SLURM: signalled, requeued {restarts}x and finished in {time.time() - start:.0f} s")
+
+    ref = tmp_path / "ref"
+    res = subprocess.run(torchrun_cmd(ref, toy_root, steps=SLURM_STEPS), env=restart_env(), capture_output=True,
+                         text=True, timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_params(final_state(ref), final_state(out))
