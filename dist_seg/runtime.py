@@ -377,6 +377,27 @@ ORPHAN_GRACE_ENV = "DIST_SEG_ORPHAN_GRACE_S"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+_early_signal: Optional[int] = None
+
+
+def catch_stop_signals_early() -> None:
+    """From now on, remember a SIGTERM / SIGUSR1 instead of dying of it, until :class:`StopSignals` takes over.
+
+    Called first thing by the training entry points: a signal that arrives while the run is still starting
+    (building the model, reading the KNN table) then stops it at its first check, with a checkpoint, like
+    one that arrives during training. Main thread only; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def remember(signum, frame) -> None:  # noqa: ARG001
+        global _early_signal
+        _early_signal = signum
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, remember)
+
+
 class StopSignals:
     """While entered, SIGTERM and SIGUSR1 set :attr:`signum` instead of ending the process.
 
@@ -405,9 +426,13 @@ class StopSignals:
             self.on_signal(signum)
 
     def __enter__(self) -> StopSignals:
+        global _early_signal
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if _early_signal is not None:  # arrived during start-up (catch_stop_signals_early)
+                signum, _early_signal = _early_signal, None
+                self._handle(signum, None)
         return self
 
     def __exit__(self, *exc) -> None:

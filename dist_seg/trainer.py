@@ -41,6 +41,7 @@ from dist_seg.runtime import (  # noqa: F401  (re-exported)
     OutputDirBusy,
     StopSignals,
     add_recipe_arguments,
+    catch_stop_signals_early,
     default_cache_dir,
     load_recipe,
     lock_output_dir,
@@ -709,6 +710,7 @@ def train(cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, 
 # ------------------------------------------------------------------------------------ recipes/CLI
 def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of every recipe file: ``accelerate launch recipes/X.py [--config f.yaml] [k=v ...]``."""
+    catch_stop_signals_early()  # a SIGTERM during start-up stops the run at its first check, not mid-set-up
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:
