@@ -305,7 +305,10 @@ def test_train_refuses_an_output_dir_held_by_a_live_run(toy_root, tmp_path):
 
 
 # -------------------------------------------------------------------- 2a. SLURM time limit and requeue
-SLURM_STEPS = 600
+# Long enough that an idle machine (~25 steps/s, ~7 s start-up) is still training when the warning comes:
+# slurmctld checks time limits every 30 s from its start, so a job started just after it (as here) gets
+# SIGUSR1 about 27 s in, whatever --signal asks for below 30.
+SLURM_STEPS = 800
 
 
 @pytest.fixture
