@@ -521,6 +521,9 @@ def launched_by_agent(environ: Optional[Mapping[str, str]] = None) -> bool:
     return "TORCHELASTIC_RUN_ID" in environ and "TORCHELASTIC_RESTART_COUNT" in environ
 
 
+_watching = False
+
+
 def watch_launcher(*, grace_s: Optional[float] = None, poll_s: float = 1.0) -> bool:
     """Make this rank stop when the launcher that started it dies (orphans never train on unsupervised).
 
@@ -537,8 +540,12 @@ def watch_launcher(*, grace_s: Optional[float] = None, poll_s: float = 1.0) -> b
 
     Returns whether the watch was set up.
     """
+    global _watching
     if not launched_by_agent():
         return False
+    if _watching:  # one watch per process, however many runs it trains
+        return True
+    _watching = True
     grace = float(os.environ.get(ORPHAN_GRACE_ENV, "30")) if grace_s is None else grace_s
     parent = os.getppid()
     die_with_parent(signal.SIGTERM, parent=parent)

@@ -193,6 +193,18 @@ def _newest_step(out: Path) -> int:
     return int(names[-1][5:13]) if names else -1
 
 
+def _live_ranks(launcher: int) -> dict[int, psutil.Process]:
+    """The launcher's rank processes by RANK, without the dead attempt's not yet reaped ones."""
+    ranks = {}
+    for p in psutil.Process(launcher).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                ranks[int(p.environ().get("RANK", -1))] = p
+        except psutil.Error:  # gone (or a zombie) since it was listed
+            continue
+    return ranks
+
+
 @pytest.mark.slow
 def test_sigkill_of_a_rank_under_torchrun_restarts_and_resumes_5_of_5(toy_root, tmp_path, reference):
     """torchrun --max-restarts with c10d rendezvous (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): five times, as soon
@@ -215,7 +227,7 @@ def test_sigkill_of_a_rank_under_torchrun_restarts_and_resumes_5_of_5(toy_root, 
                 assert time.time() < deadline, f"no new checkpoint after restart {attempt}"
                 time.sleep(0.02)
             last = _newest_step(out)
-            ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(proc.pid).children()}
+            ranks = _live_ranks(proc.pid)
             assert sorted(ranks) == [0, 1], f"torchrun's children: {ranks}"
             assert last < STEPS, "the run finished before it could be killed 5 times"
             ranks[1 - attempt % 2].send_signal(signal.SIGKILL)
