@@ -380,22 +380,32 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _early_signal: Optional[int] = None
 
 
-def catch_stop_signals_early() -> None:
+def catch_stop_signals_early() -> dict[int, object]:
     """From now on, remember a SIGTERM / SIGUSR1 instead of dying of it, until :class:`StopSignals` takes over.
 
     Called first thing by the training entry points: a signal that arrives while the run is still starting
     (building the model, reading the KNN table) then stops it at its first check, with a checkpoint, like
     one that arrives during training. Main thread only; elsewhere nothing changes.
+
+    Returns:
+        the previous handlers, for :func:`restore_signal_handlers` when the run is over.
     """
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def remember(signum, frame) -> None:  # noqa: ARG001
         global _early_signal
         _early_signal = signum
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, remember)
+    return {sig: signal.signal(sig, remember) for sig in STOP_SIGNALS}
+
+
+def restore_signal_handlers(previous: Mapping[int, object]) -> None:
+    """Put back handlers returned by :func:`catch_stop_signals_early` (and forget a remembered signal)."""
+    global _early_signal
+    _early_signal = None
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 class StopSignals:

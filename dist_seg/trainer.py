@@ -48,6 +48,7 @@ from dist_seg.runtime import (  # noqa: F401  (re-exported)
     make_accelerator,
     recipe_argv,
     resolve_config,
+    restore_signal_handlers,
     setup_logging,
     unlock_output_dir,
     watch_launcher,
@@ -710,7 +711,7 @@ def train(cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, 
 # ------------------------------------------------------------------------------------ recipes/CLI
 def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of every recipe file: ``accelerate launch recipes/X.py [--config f.yaml] [k=v ...]``."""
-    catch_stop_signals_early()  # a SIGTERM during start-up stops the run at its first check, not mid-set-up
+    previous = catch_stop_signals_early()  # a SIGTERM during start-up stops the run at its first check
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -725,6 +726,8 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
     except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError, OutputDirBusy) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        restore_signal_handlers(previous)
     if result.get("stopped"):
         return RESUMABLE_EXIT  # checkpointed after SIGTERM/SIGUSR1: the same command resumes
     val = result.get("val")
