@@ -343,7 +343,9 @@ def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, 
     """launch/slurm_multinode.sbatch on a real one-node SLURM: a job whose time limit (2 min) is shorter than
     its work gets SIGUSR1 (--signal=B:USR1@100 here, the script's own is @600), the trap stops the ranks at a
     checkpoint, the script requeues the job, and the requeued job (the same command) resumes and finishes
-    with the parameters of an uninterrupted run."""
+    with the parameters of an uninterrupted run. Once requeued, the job's limit is raised to 10 minutes so
+    that the test ends after one requeue (with 2 minutes it would be requeued again and again, each time
+    resuming, until done)."""
     out = tmp_path / "run"
     job_log = tmp_path / "job.out"
     env = {**local_slurm.env, **cpu_env(GPUS_PER_NODE="2", MAIN_PORT=str(free_port()), LAUNCHER="torchrun"),
