@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sacct")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 
 
 def missing() -> Optional[str]:
