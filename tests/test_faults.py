@@ -8,6 +8,7 @@ with an uninterrupted run's. docs/scaling.md, "When things fail", is the user's 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -217,12 +218,15 @@ def test_sigkill_of_a_rank_under_torchrun_restarts_and_resumes_5_of_5(toy_root, 
         proc = subprocess.Popen(torchrun_cmd(out, toy_root, "train.checkpoint_every=2", restarts=RESTARTS),
                                 env=restart_env(), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
                                 start_new_session=True)
-    took, last = [], -1
+    took = []
     try:
         for attempt in range(RESTARTS):
             begin = time.time()
             deadline = begin + 300
-            while _newest_step(out) <= last:  # a checkpoint of the current group
+            while True:  # the current group has resumed (after a restart) and written a checkpoint of its own
+                resumed = re.findall(r"resumed from \S+ at step (\d+)", log.read_text())
+                if len(resumed) >= attempt and _newest_step(out) > (int(resumed[-1]) if attempt else -1):
+                    break
                 assert proc.poll() is None, f"torchrun ended ({proc.returncode}):\n{log.read_text()[-4000:]}"
                 assert time.time() < deadline, f"no new checkpoint after restart {attempt}"
                 time.sleep(0.02)
