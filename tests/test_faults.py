@@ -384,3 +384,31 @@ def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, 
                          text=True, timeout=900, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_params(final_state(ref), final_state(out))
+
+
+# ------------------------------------------------------------------------------ signal plumbing
+def test_stop_signals_record_sigterm_and_sigusr1_and_restore_handlers():
+    """Real signals to this process: inside StopSignals they are recorded (first one reported once), before
+    it they are remembered from start-up (catch_stop_signals_early) and handed over, and every handler
+    comes back afterwards."""
+    from dist_seg.runtime import StopSignals, catch_stop_signals_early, restore_signal_handlers
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    seen: list[int] = []
+    with StopSignals(seen.append) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM and seen == [signal.SIGUSR1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+    previous = catch_stop_signals_early()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # during "start-up": remembered, the process lives on
+        with StopSignals(seen.append) as stop:
+            assert stop.signum == signal.SIGTERM and seen[-1] == signal.SIGTERM
+        with StopSignals() as stop:
+            assert not stop.requested, "a remembered signal is handed over once"
+    finally:
+        restore_signal_handlers(previous)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
