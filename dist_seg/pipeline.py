@@ -675,8 +675,11 @@ def _run_stage(stage: Callable[..., Optional[Path]], command: str, cfg: RunConfi
         print(f"error: {err}", file=sys.stderr)
         return 2
     if path is None:
+        from dist_seg.runtime import RESUMABLE_EXIT
+
         print(f"dist-seg {command}: stopped early; re-run the same command to resume", file=sys.stderr)
-    elif D.is_main_process() and os.environ.get("RANK", "0") == "0":  # the process group may be gone by now
+        return RESUMABLE_EXIT
+    if D.is_main_process() and os.environ.get("RANK", "0") == "0":  # the process group may be gone by now
         print(f"dist-seg {command}: wrote {path}")
     return 0
 

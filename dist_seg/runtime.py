@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -585,3 +587,272 @@ class HangWatch:
                         f"train.init_timeout_min={self.init_s / 60:g}"
                     self._log.warning("hang watch: %s; the run stops when a collective has waited %s", why, limit)
                 self._warned.add(rank)
+
+# ------------------------------------------------------------------------ signals and process lifetime
+# How a run stops on a signal, what its loader workers do with one, what its processes do when their launcher
+# dies, and who may write an output folder. docs/scaling.md, "When things fail", tells the user's side.
+
+# A run stopped by SIGTERM / SIGUSR1 after writing its checkpoint exits with this status: EX_TEMPFAIL of
+# sysexits.h ("temporary failure; the user is invited to retry"). Distinct from 0 (finished), 1 (a Python
+# error), 2 (a refused launch or bad config) and 128+N (killed by signal N), so a wrapper (the sbatch script,
+# a retry loop) can tell "re-run the same command to resume" from both success and failure.
+RESUMABLE_EXIT = 75
+# SIGTERM: what SLURM (scancel, preemption, the time limit), torchrun's agent and Kubernetes send first.
+# SIGUSR1: the early warning the sbatch script asks for (`#SBATCH --signal=B:USR1@...`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Seconds a rank whose launcher died keeps running to reach its stop checkpoint before it exits anyway.
+ORPHAN_GRACE_ENV = "DIST_SEG_ORPHAN_GRACE_S"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+_early_signal: Optional[int] = None
+
+
+def catch_stop_signals_early() -> dict[int, object]:
+    """From now on, remember a SIGTERM / SIGUSR1 instead of dying of it, until :class:`StopSignals` takes over.
+
+    Called first thing by the training entry points: a signal that arrives while the run is still starting
+    (building the model, reading the KNN table) then stops it at its first check, with a checkpoint, like
+    one that arrives during training. Main thread only; elsewhere nothing changes.
+
+    Returns:
+        the previous handlers, for :func:`restore_signal_handlers` when the run is over.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def remember(signum, frame) -> None:  # noqa: ARG001
+        global _early_signal
+        _early_signal = signum
+
+    return {sig: signal.signal(sig, remember) for sig in STOP_SIGNALS}
+
+
+def restore_signal_handlers(previous: Mapping[int, object]) -> None:
+    """Put back handlers returned by :func:`catch_stop_signals_early` (and forget a remembered signal)."""
+    global _early_signal
+    _early_signal = None
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGUSR1 set :attr:`signum` instead of ending the process.
+
+    The training loop reads :attr:`requested` at its checks (a collective at logging, validation and checkpoint
+    steps, where the ranks agree on a stop step); nothing happens inside a step. Handlers can only be set from
+    the main thread: elsewhere (a Ray Train worker thread) entering changes nothing and the signals keep their
+    previous effect. Leaving restores the previous handlers.
+
+    Args:
+        on_signal: called with the signal number from the handler (for a log line), after :attr:`signum` is set.
+    """
+
+    def __init__(self, on_signal: Optional[Callable[[int], None]] = None) -> None:
+        self.on_signal = on_signal
+        self.signum: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        first = self.signum is None
+        self.signum = signum
+        if first and self.on_signal is not None:
+            self.on_signal(signum)
+
+    def __enter__(self) -> StopSignals:
+        global _early_signal
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            if _early_signal is not None:  # arrived during start-up (catch_stop_signals_early)
+                signum, _early_signal = _early_signal, None
+                self._handle(signum, None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def _libc_prctl_pdeathsig(sig: int) -> bool:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux: only the liveness thread of watch_launcher works there
+        return False
+
+
+def die_with_parent(sig: int = signal.SIGKILL, *, parent: Optional[int] = None) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Args:
+        sig: the signal.
+        parent: the pid the parent should have; when this process already has another parent (the expected
+            one died before this call and we were re-parented), the signal is sent at once.
+
+    Returns whether the request was made (False off Linux).
+    """
+    ok = _libc_prctl_pdeathsig(sig)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return ok
+
+
+def loader_worker_init(parent: Optional[int] = None) -> None:
+    """Set-up of every data-loader worker process (called from its ``worker_init_fn``).
+
+    A scheduler or launcher signals a whole process group (SLURM's time limit, torchrun's agent, ``kill -TERM
+    -PGID``): the workers ignore SIGTERM and SIGUSR1, so they keep feeding their rank while it reaches its
+    stop step and writes its checkpoint, instead of dying first and crashing it with "DataLoader worker ...
+    is killed by signal: Terminated". They end with their rank: normally through the loader's own shutdown,
+    and by SIGKILL from the kernel when the rank dies (``PR_SET_PDEATHSIG``), so an ignored SIGTERM never
+    leaves one behind.
+
+    Args:
+        parent: the rank's pid (the process that built the loader).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL, parent=parent)
+
+
+_reaper_registered = False
+
+
+def reap_loader_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the daemonic child processes (loader workers) still alive.
+
+    multiprocessing ends daemonic children at exit with SIGTERM and then joins them; loader workers ignore
+    SIGTERM (:func:`loader_worker_init`), so a rank leaving through an exception, with a loader still open,
+    would wait for them forever. Registered once per process, after multiprocessing's own exit hook, so it
+    runs first (atexit is last-in, first-out).
+    """
+    global _reaper_registered
+    if _reaper_registered:
+        return
+    import atexit
+    import multiprocessing
+    import multiprocessing.util  # noqa: F401  (its exit hook is registered at import: ours must come later)
+
+    def reap() -> None:
+        if threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler would report each killed worker as a loader failure on the way out.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(reap)
+    _reaper_registered = True
+
+
+def launched_by_agent(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this process was started by torch's elastic agent (``torchrun``, ``accelerate launch``)."""
+    environ = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in environ and "TORCHELASTIC_RESTART_COUNT" in environ
+
+
+_watching = False
+
+
+def watch_launcher(*, grace_s: Optional[float] = None, poll_s: float = 1.0) -> bool:
+    """Make this rank stop when the launcher that started it dies (orphans never train on unsupervised).
+
+    Only under an elastic agent (:func:`launched_by_agent`): the agent is this process's parent (torchrun, or
+    the ``accelerate launch`` process, which runs the agent in itself), and without it nobody restarts,
+    signals or reaps the ranks. A run started directly (``dist-seg train`` from a shell, ``nohup``) has no
+    launcher to lose and is left alone: its shell exiting must not stop it.
+
+    Two mechanisms: the kernel sends SIGTERM when the parent dies (``PR_SET_PDEATHSIG``), which the run
+    handles like any stop signal (the ranks agree on a step, checkpoint, exit :data:`RESUMABLE_EXIT`); and a
+    daemon thread that sees the parent gone (``getppid()`` changed) ends the process with
+    :data:`RESUMABLE_EXIT` after ``grace_s`` seconds (``DIST_SEG_ORPHAN_GRACE_S``, default 30: torchrun's own
+    SIGTERM-to-SIGKILL wait) if it has not stopped by then, e.g. while a collective waits for a dead peer.
+
+    Returns whether the watch was set up.
+    """
+    global _watching
+    if not launched_by_agent():
+        return False
+    if _watching:  # one watch per process, however many runs it trains
+        return True
+    _watching = True
+    grace = float(os.environ.get(ORPHAN_GRACE_ENV, "30")) if grace_s is None else grace_s
+    parent = os.getppid()
+    die_with_parent(signal.SIGTERM, parent=parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logging.getLogger("dist_seg").error(
+            "the launcher (pid %d) died: stopping; the newest checkpoint resumes with the same command", parent)
+        time.sleep(grace)
+        os._exit(RESUMABLE_EXIT)
+
+    threading.Thread(target=watch, name="dist_seg-launcher-watch", daemon=True).start()
+    return True
+
+
+class OutputDirBusy(RuntimeError):
+    """Another live run holds the output folder (see :func:`lock_output_dir`); the message is one line."""
+
+
+LOCK_NAME = ".dist_seg.lock"
+_held_locks: dict[str, tuple[int, int]] = {}  # resolved lock path -> (fd, holders in this process)
+
+
+def lock_output_dir(output_dir: PathLike) -> Path:
+    """Take the run's lock on ``output_dir`` (``<output_dir>/.dist_seg.lock``) or refuse to start.
+
+    One holder per run: rank 0 calls this (the trainer broadcasts the outcome). ``fcntl.flock`` is released
+    by the kernel when the holder dies (SIGKILL included), so a dead run never leaves the folder stuck, and an
+    elastic restart (whose old rank 0 is dead before the new one starts) takes it again. The file names the
+    holder (``pid host``) for the error another run gets. Taking it again in the same process nests.
+    On a shared filesystem the lock is as good as its ``flock``: NFSv4 and GPFS honour it across nodes;
+    Lustre needs the ``flock`` mount option.
+
+    Raises:
+        OutputDirBusy: a live process holds it; the one-line message names its pid and host.
+    """
+    import fcntl
+    import socket
+
+    path = Path(output_dir).resolve() / LOCK_NAME
+    key = str(path)
+    if key in _held_locks:
+        fd, count = _held_locks[key]
+        _held_locks[key] = (fd, count + 1)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        pid, _, host = holder.partition(" ")
+        raise OutputDirBusy(f"{output_dir} is in use by another live run (pid {pid} on {host or 'unknown host'}): "
+                            "wait for it or stop it, or give this run another train.output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held_locks[key] = (fd, 1)
+    return path
+
+
+def unlock_output_dir(output_dir: PathLike) -> None:
+    """Release one hold of :func:`lock_output_dir` (the lock goes when the last one in this process does)."""
+    key = str(Path(output_dir).resolve() / LOCK_NAME)
+    if key not in _held_locks:
+        return
+    fd, count = _held_locks.pop(key)
+    if count > 1:
+        _held_locks[key] = (fd, count - 1)
+    else:
+        os.close(fd)  # closing the only descriptor releases the flock

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,17 +44,25 @@ from dist_seg.methods.base import Batch, Method, StepContext
 
 # What every stage needs to start lives in dist_seg.runtime; these names stay importable from here.
 from dist_seg.runtime import (  # noqa: F401  (re-exported)
+    RESUMABLE_EXIT,
     HangWatch,
+    OutputDirBusy,
+    StopSignals,
     add_recipe_arguments,
+    catch_stop_signals_early,
     default_cache_dir,
     init_timeout,
     is_collective_timeout,
     load_recipe,
+    lock_output_dir,
     make_accelerator,
     recipe_argv,
     resolve_config,
+    restore_signal_handlers,
     set_collective_timeout,
     setup_logging,
+    unlock_output_dir,
+    watch_launcher,
 )
 
 log = logging.getLogger("dist_seg.trainer")
@@ -444,16 +451,38 @@ class Trainer:
                             num_overlays=num_overlays, crf=crf)
 
     # -- the loop --------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
-        log.warning("signal %d received at step %d: checkpointing at the next logging step, then exiting", signum,
-                    self.step)
+    def _request_stop(self, signum, frame=None) -> None:  # noqa: ARG002
+        log.warning("rank %d: signal %d received at step %d: checkpointing at the next logging step, then exiting "
+                    "with status %d", self.rank, signum, self.step, RESUMABLE_EXIT)
         self._stop_requested = True
 
+    def _lock_output_dir(self) -> None:
+        """One live run per output folder: rank 0 takes the lock (dist_seg.runtime.lock_output_dir), every rank
+        learns the outcome, and all refuse together when another run holds it."""
+        busy = None
+        if self.accelerator.is_main_process:
+            try:
+                lock_output_dir(self.cfg.train.output_dir)
+            except OutputDirBusy as err:
+                busy = str(err)
+        busy = D.broadcast_object(busy)
+        if busy is not None:
+            raise OutputDirBusy(busy)
+
     def fit(self) -> dict:
+        out_dir = Path(self.cfg.train.output_dir)
+        self._lock_output_dir()
+        try:
+            return self._fit(out_dir)
+        finally:
+            if self.accelerator.is_main_process:
+                unlock_output_dir(out_dir)
+
+    def _fit(self, out_dir: Path) -> dict:
         from dist_seg.tracking import Tracker
 
         cfg = self.cfg
-        out_dir = Path(cfg.train.output_dir)
+        watch_launcher()  # a rank whose launcher dies stops (no orphans training on)
         if self.accelerator.is_main_process:
             save_config(cfg, out_dir / "config.yaml")
         resumed = self.maybe_resume()
@@ -465,12 +494,12 @@ class Trainer:
                                              "backbone.weights_id": getattr(self.backbone, "weights_id", "cache"),
                                              "method": cfg.method, "world_size": str(self.world),
                                              "resumed_from_step": str(self.step) if resumed else "0"})
-        previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         status = "FAILED"
         self.watch = self._start_hang_watch()
         try:
             try:
-                result = self._loop()
+                with StopSignals(self._request_stop):  # SIGTERM / SIGUSR1: agree on a step, checkpoint, stop
+                    result = self._loop()
             except Exception as err:
                 if is_collective_timeout(err):  # another rank stopped: say which, not gloo's socket error
                     raise TrainingError(self.watch.timeout_message(err)) from None
@@ -482,8 +511,6 @@ class Trainer:
             status = "FINISHED" if not self._stop_requested else "KILLED"
             return result
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             self.tracker.end(status)
 
     def _start_hang_watch(self) -> HangWatch:
@@ -540,8 +567,8 @@ class Trainer:
                 self._stop_requested = True
                 if progress is not None:
                     progress.close()
-                log.warning("stopped at step %d after a termination signal; re-run the same command to resume",
-                            self.step)
+                log.warning("rank %d stopped at step %d after a termination signal (exit status %d); re-run the "
+                            "same command to resume", self.rank, self.step, RESUMABLE_EXIT)
                 return {"step": self.step, "stopped": True}
         if progress is not None:
             progress.close()
@@ -703,12 +730,6 @@ def _dataset_record(cfg: RunConfig) -> Optional[dict]:
         return None
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Means over ranks of scalars (floats or 0-dim tensors on any device), read with one device-to-host copy."""
     keys = sorted(values)
@@ -737,6 +758,7 @@ def train(cfg: RunConfig, accelerator=None, *, on_eval: Optional[Callable[[int, 
 # ------------------------------------------------------------------------------------ recipes/CLI
 def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of every recipe file: ``accelerate launch recipes/X.py [--config f.yaml] [k=v ...]``."""
+    previous = catch_stop_signals_early()  # a SIGTERM during start-up stops the run at its first check
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -748,9 +770,13 @@ def run_recipe(config_fn: Callable[[], RunConfig], argv: Optional[Sequence[str]]
             result = train(cfg, accelerator)
         finally:
             accelerator.end_training()
-    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError) as err:
+    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError, DataError, OutputDirBusy) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        restore_signal_handlers(previous)
+    if result.get("stopped"):
+        return RESUMABLE_EXIT  # checkpointed after SIGTERM/SIGUSR1: the same command resumes
     val = result.get("val")
     if is_main and val:
         from dist_seg.eval.evaluate import format_table

@@ -124,6 +124,9 @@ def test_sbatch_script_is_valid_bash():
     assert res.returncode == 0, f"bash -n failed:\n{res.stderr}"
     text = (LAUNCH / "slurm_multinode.sbatch").read_text()
     assert "#SBATCH --nodes" in text and "srun" in text and "SLURM_NODEID" in text
+    # time-limit warning, requeue and restarts (run against a real SLURM by tests/test_faults.py)
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text and "scontrol requeue" in text
+    assert "--max-restarts" in text and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
 
 
 def test_cpu_2proc_config_starts_two_gloo_ranks():

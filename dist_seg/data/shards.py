@@ -58,6 +58,7 @@ from dist_seg.data.manifest import (
     SplitInfo,
     read_manifest,
 )
+from dist_seg.runtime import loader_worker_init, reap_loader_workers_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -1011,7 +1012,10 @@ class ShardSampleStream(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def _export_rank(rank: int, world_size: int, worker_id: int) -> None:
+def _worker_init(rank: int, world_size: int, parent: int, worker_id: int) -> None:
+    # Signals and lifetime first (dist_seg.runtime.loader_worker_init): a worker outlives the SIGTERM sent to
+    # its rank's process group, so the rank can reach its stop checkpoint, and dies with its rank.
+    loader_worker_init(parent)
     # webdataset's split_by_node reads RANK/WORLD_SIZE first; spawned (not forked) workers do not inherit
     # an initialised process group, so make the rank visible to them explicitly.
     os.environ.setdefault("RANK", str(rank))
@@ -1196,13 +1200,15 @@ def make_loader(
     ]
     if batch_stage is not None:
         stages.append(batch_stage)
+    if num_workers > 0:
+        reap_loader_workers_at_exit()  # the workers ignore SIGTERM: multiprocessing's exit hook cannot end them
     loader = wds.WebLoader(
         wds.DataPipeline(*stages),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        worker_init_fn=functools.partial(_export_rank, rank, world_size) if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, rank, world_size, os.getpid()) if num_workers > 0 else None,
         persistent_workers=False,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )
