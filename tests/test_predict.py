@@ -126,3 +126,100 @@ def test_decompression_bomb_limit_is_one_line_naming_the_option(trained, tmp_pat
     assert "Traceback" not in err and "DecompressionBomb" not in err
     assert cli.main([*args, "--max-pixels", "120000"]) == 0
     assert (tmp_path / "o" / "labels" / "wide.png").is_file()
+
+
+# ------------------------------------------------------------------------------------ sliding window
+def test_sliding_window_on_a_mosaic_matches_the_cells(trained):
+    from dist_seg.predict import Predictor
+
+    tmp, ckpt = trained
+    predictor = Predictor(ckpt)
+    cells = _toy_images(tmp, 6)
+    mosaic = np.concatenate([np.concatenate(cells[:3], 1), np.concatenate(cells[3:6], 1)], 0)  # 128 x 192
+    per_image = np.concatenate([np.concatenate([predictor(c, res=64) for c in cells[:3]], 1),
+                                np.concatenate([predictor(c, res=64) for c in cells[3:6]], 1)], 0)
+    assert len(np.unique(per_image)) > 1
+    tiled = predictor(mosaic, res=64, tile=64, stride=64)
+    assert np.array_equal(tiled, per_image), f"{(tiled != per_image).sum()} pixels differ with stride = tile"
+    overlapping = predictor(mosaic, res=64, tile=64, stride=32)
+    agree = (overlapping == per_image).mean()
+    assert agree >= 0.9, f"50% overlap agrees on {agree:.3f} of the pixels"
+    assert not np.array_equal(overlapping, tiled), "overlapping tiles are blended, not overwritten"
+
+
+def test_tile_grid_covers_the_image():
+    from dist_seg.predict.bands import tile_grid
+
+    assert tile_grid(192, 64, 64) == [0, 64, 128]
+    assert tile_grid(200, 64, 64) == [0, 64, 128, 136]
+    assert tile_grid(50, 64, 32) == [0]
+    with pytest.raises(ValueError, match="stride"):
+        tile_grid(100, 64, 65)
+
+
+# ----------------------------------------------------------------------------- many images, ranks
+def _folder(tmp: Path, name: str, sizes: list[tuple[int, int]]) -> Path:
+    folder = tmp / name
+    cells = _toy_images(tmp, len(sizes))
+    for i, ((h, w), cell) in enumerate(zip(sizes, cells)):
+        (folder / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(cell).resize((w, h), Image.BILINEAR).save(folder / f"d{i % 2}" / f"img{i:02d}.png")
+    return folder
+
+
+def test_two_gloo_ranks_write_each_image_once_identical_to_one_rank(trained):
+    tmp, ckpt = trained
+    folder = _folder(tmp, "ranks", [(64, 64), (64, 64), (80, 64), (64, 64), (70, 90), (64, 64), (64, 80)])
+    common = ["predict", "--checkpoint", str(ckpt), "--images", str(folder), "--batch-size", "2",
+              "--num-workers", "1", "--areas", "--device", "cpu"]
+    assert cli.main([*common, "--out", str(tmp / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "dist_seg.cli", *common, "--out", str(tmp / "two")],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote 7 label map(s)") == 1, proc.stdout  # rank 0 reports the sum over ranks
+    one, two = _outputs(tmp / "one"), _outputs(tmp / "two")
+    one.pop("summary.json"), two.pop("summary.json")
+    assert len([k for k in one if k.startswith("labels/")]) == 7
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one), \
+        [k for k in one if one[k] != two.get(k)]
+
+
+def test_killed_run_resumes_without_redoing_finished_images(trained):
+    tmp, ckpt = trained
+    folder = _folder(tmp, "resume", [(160, 160)] * 8)
+    common = ["predict", "--checkpoint", str(ckpt), "--images", str(folder), "--tile", "64", "--stride", "16",
+              "--num-workers", "0", "--device", "cpu"]
+    assert cli.main([*common, "--out", str(tmp / "reference")]) == 0
+    out = tmp / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_seg.cli", *common, "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while len(list((out / "labels").rglob("*.png"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in (out / "labels").rglob("*.png")}
+    assert 2 <= len(finished) < 8, f"killed after {len(finished)} of 8 images; the test needs a half-way kill"
+    resumed = subprocess.run([sys.executable, "-m", "dist_seg.cli", *common, "--out", str(out)], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"wrote {8 - len(finished)} label map(s), skipped {len(finished)} already complete" in resumed.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items()), "a finished image was written again"
+    reference, again = _outputs(tmp / "reference"), _outputs(out)
+    reference.pop("summary.json"), again.pop("summary.json")
+    assert reference == again, "the resumed run's outputs differ from an uninterrupted run's"
+
+
+# ----------------------------------------------------------------------------------- shard input
+def test_shards_input_scores_like_dist_seg_eval(trained):
+    import json
+
+    tmp, ckpt = trained
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp / "ev")]) == 0
+    evaluated = json.loads((tmp / "ev" / "stego_step_4.json").read_text())["cluster"]
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--shards", str(tmp / "toy" / "val"), "--out",
+                     str(tmp / "sh"), "--no-overlays", "--num-workers", "0", "--device", "cpu"]) == 0
+    summary = json.loads((tmp / "sh" / "summary.json").read_text())
+    assert summary["written"] == 16 and (tmp / "sh" / "labels" / "000000015.png").is_file()
+    assert summary["scores"] == {"mIoU": evaluated["mIoU"], "Acc": evaluated["Acc"]}, (summary, evaluated)

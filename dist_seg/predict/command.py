@@ -115,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if D.is_main_process():
+            import json
+            from pathlib import Path
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
             head, *reasons = summary.lines()
             print(head + f"; outputs in {args.out}")
             for line in reasons:

@@ -60,6 +60,12 @@ class Summary:
     seconds: float = 0.0
     scores: Optional[dict] = None
 
+    def as_dict(self) -> dict:
+        """The numbers (``summary.json``): counts, skip reasons, seconds, and mIoU/Acc when scored."""
+        scores = None if self.scores is None else {k: float(self.scores[k]) for k in ("mIoU", "Acc")}
+        return {"written": self.written, "complete": self.complete, "skipped": self.skipped,
+                "seconds": self.seconds, "scores": scores}
+
     def lines(self) -> list[str]:
         out = [f"wrote {self.written} label map(s), skipped {self.complete} already complete, "
                f"{len(self.skipped)} unreadable or refused, in {self.seconds:.1f} s"]
