@@ -55,13 +55,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _items(args):
-    from dist_seg.predict import inputs
+    from dist_seg.predict.inputs import folder_items, list_file_items, shard_items, shard_labels
 
     if args.images:
-        return inputs.folder_items(args.images), (None, None, None)
+        return folder_items(args.images), (None, None, None)
     if args.list_file:
-        return inputs.list_file_items(args.list_file), (None, None, None)
-    return inputs.shard_items(args.shards), inputs.shard_labels(args.shards)
+        return list_file_items(args.list_file), (None, None, None)
+    return shard_items(args.shards), shard_labels(args.shards)
 
 
 def run(args: argparse.Namespace) -> int:
