@@ -223,3 +223,23 @@ def test_shards_input_scores_like_dist_seg_eval(trained):
     summary = json.loads((tmp / "sh" / "summary.json").read_text())
     assert summary["written"] == 16 and (tmp / "sh" / "labels" / "000000015.png").is_file()
     assert summary["scores"] == {"mIoU": evaluated["mIoU"], "Acc": evaluated["Acc"]}, (summary, evaluated)
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+def test_ray_data_path_writes_the_plain_paths_label_maps(trained):
+    import ray
+
+    tmp, ckpt = trained
+    folder = _folder(tmp, "ray", [(64, 64), (64, 64), (80, 64), (70, 90), (64, 64)])
+    common = ["predict", "--checkpoint", str(ckpt), "--images", str(folder), "--batch-size", "2",
+              "--num-workers", "0", "--device", "cpu"]
+    assert cli.main([*common, "--out", str(tmp / "plain")]) == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert cli.main([*common, "--out", str(tmp / "ray_out"), "--ray", "--num-actors", "2"]) == 0
+    finally:
+        ray.shutdown()
+    plain, via_ray = _outputs(tmp / "plain"), _outputs(tmp / "ray_out")
+    plain.pop("summary.json"), via_ray.pop("summary.json")
+    assert len([k for k in plain if k.startswith("labels/")]) == 5
+    assert plain == via_ray, [k for k in plain if plain[k] != via_ray.get(k)]

@@ -129,25 +129,9 @@ def predict_items(predictor: Predictor, items: list[Item], writer: Writer, optio
     bar = tqdm(total=todo, desc=f"predict (rank {rank})" if world > 1 else "predict", unit="img",
                disable=not progress or rank != 0 or not sys.stderr.isatty())
     for rows in loader:
-        good = []
-        for row in rows:
-            item = items[row["position"]]
-            if row["error"]:
-                skipped.append(f"{item.path or shards + ':' + item.key}: {row['error']}")
-                log.warning("skipping %s: %s", item.path or item.key, row["error"])
-            else:
-                good.append(row)
-        if good:
-            images = [row["image"].numpy() for row in good]
-            for row, image, labels in zip(good, images, _label_maps(predictor, images, options, res)):
-                item = items[row["position"]]
-                if not writer.complete(item.key):
-                    writer.write(item.key, labels, image)
-                    written += 1
-                else:
-                    complete += 1
-                if num_classes and row["label"] is not None:
-                    _count(confusion, labels, row["label"].numpy(), num_classes)
+        w, c, s = process_rows(predictor, items, rows, writer, options, res=res, shards=shards, confusion=confusion,
+                               num_classes=num_classes)
+        written, complete, skipped = written + w, complete + c, skipped + s
         bar.update(len(rows))
     bar.close()
     if num_classes:
@@ -161,6 +145,37 @@ def predict_items(predictor: Predictor, items: list[Item], writer: Writer, optio
     summary = _gather(written, complete, skipped, confusion if num_classes else None)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def process_rows(predictor: Predictor, items: list[Item], rows: list[dict], writer: Writer, options: PredictOptions,
+                 *, res: int, shards: Optional[str] = None, confusion: Optional[torch.Tensor] = None,
+                 num_classes: Optional[int] = None) -> tuple[int, int, list[str]]:
+    """Segment one planned batch (``rows`` decoded by :class:`ImageDataset`) and write what is not complete.
+
+    Returns:
+        ``(written, already complete, skip reasons)``; ``confusion`` gains the labelled rows' counts.
+    """
+    good, skipped, written, complete = [], [], 0, 0
+    for row in rows:
+        item = items[row["position"]]
+        if row["error"]:
+            skipped.append(f"{item.path or f'{shards}:{item.key}'}: {row['error']}")
+            log.warning("skipping %s: %s", item.path or item.key, row["error"])
+        else:
+            good.append(row)
+    if not good:
+        return written, complete, skipped
+    images = [row["image"].numpy() for row in good]
+    for row, image, labels in zip(good, images, _label_maps(predictor, images, options, res)):
+        item = items[row["position"]]
+        if not writer.complete(item.key):
+            writer.write(item.key, labels, image)
+            written += 1
+        else:
+            complete += 1
+        if num_classes and row["label"] is not None:
+            _count(confusion, labels, row["label"].numpy(), num_classes)
+    return written, complete, skipped
 
 
 def _label_maps(predictor: Predictor, images: list[np.ndarray], options: PredictOptions, res: int):
