@@ -19,6 +19,8 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def load_tool(name: str):
+    if str(TOOLS) not in sys.path:  # as when run as a script: the tools share tools/bench_common.py
+        sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(f"bench_tool_{name}", TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
