@@ -243,3 +243,33 @@ def test_ray_data_path_writes_the_plain_paths_label_maps(trained):
     plain.pop("summary.json"), via_ray.pop("summary.json")
     assert len([k for k in plain if k.startswith("labels/")]) == 5
     assert plain == via_ray, [k for k in plain if plain[k] != via_ray.get(k)]
+
+
+# ------------------------------------------------------------------------------------ inputs, writers
+def test_writer_keeps_ids_above_255_in_16_bit_and_writes_areas(tmp_path):
+    from dist_seg.predict.engine import label_dtype
+    from dist_seg.predict.writers import Writer, read_labels
+
+    labels = np.arange(600, dtype=np.int64).reshape(20, 30).astype(label_dtype(599))
+    assert labels.dtype == np.uint16 and label_dtype(255) == np.uint8
+    writer = Writer(tmp_path, overlays=True, areas=True)
+    writer.write("a/b", labels, np.zeros((20, 30, 3), np.uint8))
+    assert writer.complete("a/b") and not writer.complete("a/c")
+    back = read_labels(tmp_path / "labels" / "a" / "b.png")
+    assert back.dtype == np.uint16 and np.array_equal(back, labels)
+    rows = (tmp_path / "areas" / "a" / "b.csv").read_text().splitlines()
+    assert rows[0] == "label,pixels,fraction" and len(rows) == 601 and rows[600].startswith("599,1,")
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files are renamed into place"
+
+
+def test_list_file_items(tmp_path):
+    from dist_seg.predict.inputs import InputError, list_file_items
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "imgs" / "x.png")
+    (tmp_path / "files.txt").write_text("# my images\nimgs/x.png\n\nimgs/missing.png\n")
+    items = list_file_items(tmp_path / "files.txt")
+    assert [(i.key, i.size) for i in items] == [("imgs/x", (10, 12)), ("imgs/missing", None)]
+    (tmp_path / "bad.txt").write_text("../x.png\n")
+    with pytest.raises(InputError, match="absolute path"):
+        list_file_items(tmp_path / "bad.txt")
