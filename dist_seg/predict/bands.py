@@ -7,9 +7,10 @@ rows read: with ``align_corners=False``, output row ``i`` reads source rows ``fl
 ``min(floor(s) + 1, h - 1)`` with ``s = max(0, (i + 0.5) * h / H - 0.5)``, and weights ``1 - l``, ``l``
 (``l = s - floor(s)``). The columns of those few source rows are interpolated by ``F.interpolate`` itself
 (the same column weights as the whole-image call, since the width is the same), and the rows are combined
-with the weights above in the order and rounding of the CPU kernel (detected once per device type by
-:func:`_row_formula`), so on the CPU each band equals the corresponding rows of the whole-image
-interpolation bit for bit; elsewhere it agrees to float rounding.
+with the weights above in the order and rounding of the CPU kernel (one fused multiply-add, through
+``torch.addcmul``; the variant is detected once per device type and channel count by :func:`_row_formula`),
+so on the CPU each band equals the corresponding rows of the whole-image interpolation bit for bit;
+elsewhere it agrees to float rounding. When the whole output fits one band, the kernel itself is called.
 
 :func:`tile_grid` and :func:`blend_window` place overlapping tiles (sliding-window inference) and weigh
 them: a tile's scores count most at its centre and least at its border, so overlapping tiles are blended
@@ -30,7 +31,8 @@ BAND_ELEMENTS = 32 * 1024 * 1024
 
 _FORMULAS: dict[str, tuple[bool, str]] = {}
 _EXACT: dict[str, bool] = {}
-_CANDIDATES = [(fused_index, mode) for fused_index in (True, False) for mode in ("fuse_first", "fuse_second", "plain")]
+_CANDIDATES = [(fused_index, mode) for fused_index in (True, False)
+               for mode in ("addcmul_first", "addcmul_second", "fuse_first", "fuse_second", "plain")]
 
 
 def _source_rows(out_size: int, in_size: int, fused_index: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,6 +61,12 @@ def _combine(cols: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, lam: torch.
     """
     w0 = (1 - lam).view(1, 1, -1, 1)
     lam = lam.view(1, 1, -1, 1)
+    # torch.addcmul is one fused multiply-add per element where the CPU build vectorises it with FMA: the
+    # same rounding as the kernel at a twentieth of the float64 emulation's cost (the probe decides).
+    if mode == "addcmul_first":
+        return torch.addcmul(cols.index_select(2, i1).mul_(lam), cols.index_select(2, i0), w0)
+    if mode == "addcmul_second":
+        return torch.addcmul(cols.index_select(2, i0).mul_(w0), cols.index_select(2, i1), lam)
     if mode == "fuse_first":  # fma(w0, t0, round(l * t1))
         out = cols.index_select(2, i0).double().mul_(w0.double())
         return out.add_(cols.index_select(2, i1).mul_(lam)).float()
