@@ -111,10 +111,12 @@ def large_peak(checkpoint: Path, side: int, tmp: Path, device: str) -> dict:
     Image.fromarray(mosaic).resize((side, side), Image.BILINEAR).save(folder / "large.png", compress_level=1)
     del mosaic
     script = (
-        "import resource, sys\nfrom dist_seg import cli\n"
+        "import sys\nfrom dist_seg import cli\n"
         f"code = cli.main(['predict', '--checkpoint', {str(checkpoint)!r}, '--images', {str(folder)!r}, '--out', "
         f"{str(tmp / 'large_out')!r}, '--max-pixels', '0', '--num-workers', '0', '--no-overlays', '--device', {device!r}])\n"
-        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)\n")
+        # VmHWM: this process's own peak (ru_maxrss also keeps the RSS of the process that forked it).
+        "print('PEAK_KB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+        "sys.exit(code)\n")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
