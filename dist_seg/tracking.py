@@ -375,13 +375,14 @@ class Tracker:
         if self.backbone_weights:
             artifacts["backbone_weights"] = str(self.backbone_weights)
         with warnings.catch_warnings():
-            # pyfunc asks for type hints / an input example; the explicit tensor signature says it all, and an
-            # example would load the whole model in the training process.
+            # pyfunc asks for type hints / an input example; serving.py checks its input itself, and an example
+            # would load the whole model in the training process.
             warnings.simplefilter("ignore", UserWarning)
             info = self._mlflow.pyfunc.log_model(
-                # No signature: it cannot say "[H, W, 3], [N, H, W, 3] or a list of sizes"; predict checks inputs.
+                # No signature: none says "[H, W, 3], [N, H, W, 3] or a list of sizes"; predict checks its input.
                 name="model", python_model=str(SERVING_CODE), artifacts=artifacts,
-                code_paths=[str(SERVING_CODE.parent)], pip_requirements=requirements, registered_model_name=self.cfg.register_model or None,
+                code_paths=[str(SERVING_CODE.parent)], pip_requirements=requirements,
+                registered_model_name=self.cfg.register_model or None,
                 metadata={"checkpoint": Path(checkpoint).name, "dist_seg_source": "dist_seg/serving.py"})
         self.model_uri = info.model_uri
         self._mlflow.set_tag("model_uri", info.model_uri)

@@ -370,14 +370,20 @@ RUNS = {
     "accelerate launch recipes/ds2dl_coco.py": "no data",
     "dist-seg train recipes/stego_potsdam.py train.seed=1": "no data",
     # docs/predict.md, after the toy run (its last checkpoint stands in for the docs' step 300; my_images/ is made)
-    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt --images my_images/ --out preds/": "ok",
-    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt --images my_images --out preds/folder --areas": "ok",
-    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt --shards data/toy/val --out preds/val --no-overlays": "ok",
-    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt --images my_images --out preds/huge --max-pixels 0 --num-workers 0": "ok",
-    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt --images my_images --out preds/tiles --tile 64 --stride 32": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images/ --out preds/": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/folder --areas": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--shards data/toy/val --out preds/val --no-overlays": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/huge --max-pixels 0 --num-workers 0": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/tiles --tile 64 --stride 32": "ok",
     "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m dist_seg.cli predict --checkpoint "
     "runs/stego_toy/checkpoints/step-00000300.pt --images my_images --out preds/ranks": "ok",
-    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt --images my_images --out preds/ray --ray --num-actors 2": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/ray --ray --num-actors 2": "ok",
     "dist-seg maskdistill maskdistill_voc maskdistill.detect.weights=R50.pth "
     "maskdistill.distil.weights=R50.pth": "no data",
     "dist-seg maskdistill maskdistill_coco20k maskdistill.detect.weights=R50.pth "

@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
 
 
 def _toy_images(tmp: Path, n: int) -> list[np.ndarray]:
-    from dist_seg.predict.inputs import shard_items, ImageDataset
+    from dist_seg.predict.inputs import ImageDataset, shard_items
 
     items = shard_items(str(tmp / "toy" / "val"))[:n]
     ds = ImageDataset(items, shards=str(tmp / "toy" / "val"))

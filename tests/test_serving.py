@@ -43,7 +43,8 @@ def test_pyfunc_takes_an_image_a_batch_and_a_list_without_warnings(tmp_path):
         batch = rng.integers(0, 255, (2, 32, 48, 3), dtype=np.uint8)
         mixed = [rng.integers(0, 255, (30, 20, 3), dtype=np.uint8), rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)]
         out = {{"one": model.predict(one), "batch": model.predict(batch), "mixed": model.predict(mixed)}}
-        np.savez({str(tmp_path / 'out.npz')!r}, one=out["one"], batch=out["batch"], m0=out["mixed"][0], m1=out["mixed"][1],
+        np.savez({str(tmp_path / 'out.npz')!r}, one=out["one"], batch=out["batch"], m0=out["mixed"][0],
+                 m1=out["mixed"][1],
                  i_one=one, i_batch=batch, i0=mixed[0], i1=mixed[1])
         try:
             model.predict(np.zeros((5, 500, 7), np.uint8))

@@ -27,11 +27,10 @@ import statistics
 import sys
 import time
 
-from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
 
 from dist_seg.data.toy import toy_sample
 from dist_seg.eval.crf import CRFPool, dense_crf

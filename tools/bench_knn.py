@@ -36,11 +36,10 @@ import os
 import sys
 import time
 
-from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
 
 from dist_seg.knn import _has_faiss_gpu, knn
 

@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import REPO, commit, machine, write_record  # noqa: E402 - puts this checkout on sys.path first
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_common import REPO, commit, machine, write_record  # noqa: E402 - puts this checkout on sys.path first
 from PIL import Image  # noqa: E402
 
 H200_BF16_FLOPS = 790e12  # dense bf16 tensor-core peak used for the bound (docs/benchmarks.md)
@@ -83,7 +82,8 @@ def run_loop(checkpoint: Path, folder: Path, out: Path, device: str, res: int | 
     return len(paths) / (time.perf_counter() - start)
 
 
-def run_engine(checkpoint: Path, folder: Path, out: Path, device: str, res: int | None, batch: int, workers: int) -> float:
+def run_engine(checkpoint: Path, folder: Path, out: Path, device: str, res: int | None, batch: int,
+               workers: int) -> float:
     from dist_seg.predict import Predictor
     from dist_seg.predict.inputs import folder_items
     from dist_seg.predict.runner import PredictOptions, predict_items
@@ -113,7 +113,8 @@ def large_peak(checkpoint: Path, side: int, tmp: Path, device: str) -> dict:
     script = (
         "import sys\nfrom dist_seg import cli\n"
         f"code = cli.main(['predict', '--checkpoint', {str(checkpoint)!r}, '--images', {str(folder)!r}, '--out', "
-        f"{str(tmp / 'large_out')!r}, '--max-pixels', '0', '--num-workers', '0', '--no-overlays', '--device', {device!r}])\n"
+        f"{str(tmp / 'large_out')!r}, '--max-pixels', '0', '--num-workers', '0', '--no-overlays', "
+        f"'--device', {device!r}])\n"
         # VmHWM: this process's own peak (ru_maxrss also keeps the RSS of the process that forked it).
         "print('PEAK_KB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
         "sys.exit(code)\n")
@@ -154,12 +155,14 @@ def main(argv=None) -> int:
         same = all((tmp / "loop" / p.name).read_bytes() == p.read_bytes()
                    for p in (tmp / "engine" / "labels").glob("*.png"))
         result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"), "commit": commit(),
-                  "machine": machine(args.device), "command": " ".join(["python", "tools/bench_predict.py", *sys.argv[1:]]),
+                  "machine": machine(args.device),
+                  "command": " ".join(["python", "tools/bench_predict.py", *sys.argv[1:]]),
                   "images": args.images, "sizes": args.sizes, "device": args.device,
                   "loop_images_per_s": round(loop, 2), "engine_images_per_s": round(engine, 2),
                   "speedup": round(engine / loop, 2), "same_label_maps": same}
         print(f"{'path':<10}{'images/s':>10}")
-        print(f"{'loop':<10}{loop:>10.2f}\n{'engine':<10}{engine:>10.2f}   ({engine / loop:.2f}x; same label maps: {same})")
+        print(f"{'loop':<10}{loop:>10.2f}")
+        print(f"{'engine':<10}{engine:>10.2f}   ({engine / loop:.2f}x; same label maps: {same})")
         if args.large:
             result["large"] = large_peak(checkpoint, args.large, tmp, args.device)
             print(f"{args.large}x{args.large} image: peak RSS {result['large']['peak_rss_gib']} GiB "

@@ -135,8 +135,10 @@ def upsample_rows(code: torch.Tensor, size: tuple[int, int], start: int, stop: i
     return _rows(code, size, start, stop, _row_formula(code.device, code.shape[1]))
 
 
-def band_starts(height: int, width: int, channels: int, band_elements: int = BAND_ELEMENTS) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` row ranges covering ``height`` rows, each at most ``band_elements / (channels * width)`` rows."""
+def band_starts(height: int, width: int, channels: int,
+                band_elements: int = BAND_ELEMENTS) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges covering ``height`` rows, each of at most
+    ``band_elements / (channels * width)`` rows."""
     rows = max(1, band_elements // max(1, channels * width))
     for start in range(0, height, rows):
         yield start, min(height, start + rows)

@@ -181,7 +181,8 @@ def process_rows(predictor: Predictor, items: list[Item], rows: list[dict], writ
 def _label_maps(predictor: Predictor, images: list[np.ndarray], options: PredictOptions, res: int):
     if options.tile:
         for image in images:
-            clusters = predictor.tiled_clusters(image, tile=options.tile, stride=options.stride or max(1, options.tile // 2),
+            stride = options.stride or max(1, options.tile // 2)
+            clusters = predictor.tiled_clusters(image, tile=options.tile, stride=stride,
                                                 res=res, crf=options.crf, batch_size=options.batch_size)
             yield predictor.to_labels(clusters)
         return
