@@ -48,7 +48,9 @@ _OWNED_SECTIONS = ("stego.", "ds2dl.", "baseline.", "maskdistill.")
 # Metrics measured on the evaluation split (they carry its dataset).
 SCORE_PREFIXES = ("val/", "final/")
 # What a pyfunc model needs to run; pinned to the versions that logged it.
-_MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "omegaconf", "scipy", "mlflow")
+# What dist_seg.serving imports (through dist_seg.predict); dist_seg itself travels in the model's code/.
+_MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "omegaconf", "scipy", "webdataset",
+                       "tqdm", "mlflow")
 SERVING_CODE = Path(__file__).with_name("serving.py")
 # Methods whose checkpoints are not segmenters of images (Mask R-CNN predicts instances): no pyfunc model.
 NO_PYFUNC_METHODS = ("maskrcnn",)
@@ -499,16 +501,12 @@ class Tracker:
         rank models by their scores. Its tags say what it is and, for a sweep's trial, which trial and sweep.
 
         The model is a models-from-code pyfunc (:mod:`dist_seg.serving`): loading it reads the checkpoint with
-        ``torch.load(weights_only=True)`` and unpickles nothing; ``predict(images)`` takes uint8 RGB images
-        ``[N, H, W, 3]`` and returns ``dist-seg predict``'s label maps ``[N, H, W]``.
+        ``torch.load(weights_only=True)`` and unpickles nothing; ``predict`` takes a uint8 RGB image ``[H, W, 3]``,
+        a batch ``[N, H, W, 3]`` or a list of images and returns ``dist-seg predict``'s label maps.
         """
         if not self.active:
             return None
         from importlib.metadata import PackageNotFoundError, version
-
-        import numpy as np
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
 
         requirements = []
         for name in _MODEL_REQUIREMENTS:
@@ -519,15 +517,15 @@ class Tracker:
         artifacts = {"checkpoint": str(checkpoint)}
         if self.backbone_weights:
             artifacts["backbone_weights"] = str(self.backbone_weights)
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]))
         with warnings.catch_warnings():
-            # pyfunc asks for type hints / an input example; the explicit tensor signature says it all, and an
-            # example would load the whole model in the training process.
+            # pyfunc asks for type hints / an input example; serving.py checks its input itself, and an example
+            # would load the whole model in the training process.
             warnings.simplefilter("ignore", UserWarning)
             info = self._mlflow.pyfunc.log_model(
-                name=self.model_name, python_model=str(SERVING_CODE), artifacts=artifacts, signature=signature,
-                pip_requirements=requirements, registered_model_name=self.cfg.register_model or None,
+                # No signature: none says "[H, W, 3], [N, H, W, 3] or a list of sizes"; predict checks its input.
+                name=self.model_name, python_model=str(SERVING_CODE), artifacts=artifacts,
+                code_paths=[str(SERVING_CODE.parent)], pip_requirements=requirements,
+                registered_model_name=self.cfg.register_model or None,
                 metadata={"checkpoint": Path(checkpoint).name, "dist_seg_source": "dist_seg/serving.py"},
                 step=checkpoint_step(checkpoint),
                 tags={**self._source_tags, **self.model_tags, "checkpoint": Path(checkpoint).name,

@@ -19,6 +19,8 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def load_tool(name: str):
+    if str(TOOLS) not in sys.path:  # as when run as a script: the tools share tools/bench_common.py
+        sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(f"bench_tool_{name}", TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -129,3 +131,17 @@ def test_bench_crf_pool_matches_serial(tmp_path, capsys):
     assert positive(pool["images_per_s_median"]) and positive(pool["ratio_median"]) and positive(pool["startup_s"])
     assert info["results"]["pool-1"]["startup_s"] is None, "CRFPool(1) runs in-process: no start-up to report"
     assert "x serial" in capsys.readouterr().out
+
+
+def test_bench_predict_compares_the_engine_with_the_loop(tmp_path, capsys):
+    import json
+
+    tool = load_tool("bench_predict")
+    out = tmp_path / "predict.json"
+    assert tool.main(["--images", "3", "--sizes", "48", "--num-workers", "0", "--device", "cpu",
+                      "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert positive(result["loop_images_per_s"]) and positive(result["engine_images_per_s"])
+    assert result["same_label_maps"] is True, "both paths write the same label maps"
+    assert result["h200_bound_images_per_s_at_320"]["ViT-B/8 (DINO)"] == 1079
+    assert "loop" in capsys.readouterr().out and result["commit"] and result["machine"]["nproc"]

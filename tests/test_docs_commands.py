@@ -250,6 +250,15 @@ def check_accelerate(words: list[str], *, inline: bool = False) -> list[str]:
     except SystemExit:
         return [f"`accelerate launch` refuses {words[2:]}"]
     script = args.training_script
+    if args.module:  # `accelerate launch -m dist_seg.cli predict ...`: the module's own parser checks the rest
+        if not (REPO / (script.replace(".", "/") + ".py")).is_file():
+            return [f"module {script} does not exist in the repository"]
+        if script == "dist_seg.cli":
+            try:
+                cli.parse_args(args.training_script_args)
+            except SystemExit:
+                return [f"dist-seg refuses {args.training_script_args}"]
+        return []
     if not (REPO / script).is_file():
         return [f"training script {script} does not exist in the repository"]
     if script.startswith("recipes/"):
@@ -360,6 +369,21 @@ RUNS = {
     "accelerate launch recipes/stego_coco.py": "no data",
     "accelerate launch recipes/ds2dl_coco.py": "no data",
     "dist-seg train recipes/stego_potsdam.py train.seed=1": "no data",
+    # docs/predict.md, after the toy run (its last checkpoint stands in for the docs' step 300; my_images/ is made)
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images/ --out preds/": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/folder --areas": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--shards data/toy/val --out preds/val --no-overlays": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/huge --max-pixels 0 --num-workers 0": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/tiles --tile 64 --stride 32": "ok",
+    "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m dist_seg.cli predict --checkpoint "
+    "runs/stego_toy/checkpoints/step-00000300.pt --images my_images --out preds/ranks": "ok",
+    "dist-seg predict --checkpoint runs/stego_toy/checkpoints/step-00000300.pt "
+    "--images my_images --out preds/ray --ray --num-actors 2": "ok",
     "dist-seg maskdistill maskdistill_voc maskdistill.detect.weights=R50.pth "
     "maskdistill.distil.weights=R50.pth": "no data",
     "dist-seg maskdistill maskdistill_coco20k maskdistill.detect.weights=R50.pth "
@@ -372,6 +396,9 @@ NOT_RUN = [
     (r"^dist-seg prepare (DATASET|…|\.\.\.)", "a template of the prepare command (checked as a mention)"),
     (r"^dist-seg prepare (folder|toy_objects)", "tests/test_data_toy_folder.py and test_data_toy_objects.py run them"),
     (r"^dist-seg prepare toy$", "a mention of the command the run above executes"),
+    (r"^dist-seg prepare$", "a mention of the command (the toy prepare line runs above)"),
+    (r"^accelerate launch --multi_gpu -m dist_seg\.cli predict", "needs GPUs (docs/predict.md's CPU form of it runs "
+     "above; tests/test_predict.py runs two gloo ranks)"),
     (r"--config_file launch/(multi_gpu|single_gpu|deepspeed_zero2)\.yaml", "needs GPUs"),
     (r"--config_file launch/multi_node\.yaml", "needs several nodes"),
     (r"^accelerate launch --cpu --num_processes 2$", "scaling.md names this form to warn that it starts one process"),
@@ -383,7 +410,7 @@ NOT_RUN = [
     (r"^dist-seg eval --checkpoint", "tests/test_eval_predict.py evaluates a trained checkpoint (with --crf too)"),
     (r"^dist-seg eval --baselines", "tests/test_eval_predict.py::test_baselines_table_from_one_command"),
     (r"^dist-seg eval", "a mention; tests/test_eval_predict.py runs eval"),
-    (r"^dist-seg predict", "tests/test_eval_predict.py::test_predict_folder_of_any_size"),
+    (r"^dist-seg predict", "a mention (the documented predict lines run above; tests/test_predict.py)"),
     (r"^dist-seg runs", "tests/test_runs_table.py reads a real MLflow store"),
     (r"^dist-seg convert-checkpoint", "tests/test_checkpoints.py converts an old-format checkpoint"),
     (r"^dist-seg maskdistill (maskdistill_toy|RECIPE)|maskdistill_(toy|X)\.py",
@@ -410,6 +437,24 @@ def test_every_documented_command_is_run_or_has_a_reason(commands):
     keys = {c.key for c in commands}
     stale = sorted(k for k in RUNS if k not in keys)
     assert not stale, f"RUNS lists commands the docs no longer show: {stale}"
+
+
+def _stand_in_for_the_docs_predict_inputs(root: Path) -> None:
+    """docs/predict.md's inputs: a few images in my_images/, and the toy run's last checkpoint (2 steps here)
+    under the name of the docs' 300-step one."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from dist_seg.data.toy import toy_sample
+
+    (root / "my_images" / "sub").mkdir(parents=True)
+    for i, (name, size) in enumerate([("a.png", (64, 80)), ("b.jpg", (96, 64)), ("sub/c.png", (48, 48))]):
+        image = toy_sample(i, split="val", size=64, num_classes=5, seed=0).image
+        Image.fromarray(np.asarray(image)).resize(size[::-1]).save(root / "my_images" / name)
+    checkpoints = root / "runs" / "stego_toy" / "checkpoints"
+    shutil.copy(sorted(checkpoints.glob("step-*.pt"))[-1], checkpoints / "step-00000300.pt")
 
 
 def _run_in_process(words: list[str], capsys) -> tuple[int, str, str]:
@@ -441,12 +486,17 @@ def test_documented_toy_commands_run(commands, tmp_path, monkeypatch, capsys):
             words = [*words, "--num-train", "32", "--num-val", "8", "--samples-per-shard", "4"]
         elif expect == "ok" and words[:2] != ["dist-seg", "check-data"]:  # check-data takes no overrides
             words = [*words, *SHRINK]
+        if "predict" in words and not (tmp_path / "my_images").is_dir():
+            _stand_in_for_the_docs_predict_inputs(tmp_path)
         if words[0].startswith("ACCELERATE_USE_CPU="):
             env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
             proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *words[3:]], env=env,
                                   capture_output=True, text=True, timeout=600)
             code, out, err = proc.returncode, proc.stdout, proc.stderr
             assert code == 0, f"{key}:\n{err[-3000:]}"
+            if "predict" in words:
+                assert out.count("wrote 3 label map(s)") == 1, f"rank 0 reports the sum once:\n{out}"
+                continue
             assert out.count("validation after 2 steps") == 1, f"the final table is printed once, by rank 0:\n{out}"
             continue
         code, out, err = _run_in_process(words, capsys)

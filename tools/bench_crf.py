@@ -23,33 +23,17 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
-
-# Benchmark the checkout this file belongs to, whatever `dist_seg` the environment has installed.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
 
 from dist_seg.data.toy import toy_sample
 from dist_seg.eval.crf import CRFPool, dense_crf
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
-            "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def make_inputs(num: int, *, size: int, num_classes: int, grid: int, seed: int) -> tuple[list, list]:

@@ -33,14 +33,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
 
 from dist_seg.knn import _has_faiss_gpu, knn
 
@@ -107,19 +106,6 @@ def float64_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
         order = np.lexsort((np.arange(s_np.shape[1]), -s_np[r]))[:k]
         out.append(order)
     return torch.from_numpy(np.stack(out))
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def main(argv=None) -> int:
