@@ -8,14 +8,14 @@ code is refused) and, when the run used a local file, the backbone weights. The 
 ``mlflow models serve`` works where only the model's own requirements are installed.
 :class:`dist_seg.tracking.Tracker` logs it when a run finishes.
 
-    model = mlflow.pyfunc.load_model("runs:/<run id>/model")   # or models:/<name>/<version>
+    model = mlflow.pyfunc.load_model("models:/<model id>")   # the run's model_uri tag; or models:/<name>/<version>
     labels = model.predict(image)           # uint8 [H, W, 3] RGB      -> int64 [H, W] class ids
     labels = model.predict(images)          # uint8 [N, H, W, 3]       -> int64 [N, H, W]
     labels = model.predict([im1, im2])      # images of different sizes -> a list of [H_i, W_i]
 
 ``predict`` returns exactly ``dist-seg predict``'s label maps (255: a cluster matched to no class), computed
 in bands of rows, so large images need memory for the image and its label map only. Serving:
-``mlflow models serve -m runs:/<run id>/model -p 5000``, then POST ``{"inputs": <nested list [H, W, 3] or
+``mlflow models serve -m models:/<model id> -p 5000``, then POST ``{"inputs": <nested list [H, W, 3] or
 [N, H, W, 3]>}`` to ``/invocations``.
 """
 
