@@ -93,16 +93,17 @@ def run(args: argparse.Namespace) -> int:
         device = state.device
     try:
         try:
+            # The checkpoint first: a bad one fails at once, before a corpus is listed (Ray's actors load their own).
+            predictor = None if args.ray else Predictor(args.checkpoint, device=device, overrides=args.overrides,
+                                                        raw_clusters=args.raw_clusters, trust=args.trust_checkpoint)
             items, (num_classes, _, colors) = _items(args)
             if not items:
                 raise InputError(f"no images found in {args.images or args.list_file or args.shards}")
-            if args.ray:
+            if predictor is None:
                 from dist_seg.predict.ray_data import predict_with_ray
 
                 summary = predict_with_ray(args, items, options, num_classes=num_classes)
             else:
-                predictor = Predictor(args.checkpoint, device=device, overrides=args.overrides,
-                                      raw_clusters=args.raw_clusters, trust=args.trust_checkpoint)
                 palette = predictor.meta.get("colors") or colors
                 writer = Writer(args.out, overlays=not args.no_overlays, areas=args.areas,
                                 palette=np.asarray(palette, dtype=np.uint8) if palette else None)
