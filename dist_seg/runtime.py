@@ -28,10 +28,23 @@ PROJECT_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SOURCE_ENV = "DIST_SEG_SOURCE"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted, not the one of the
+    first call: in-process callers that swap stderr (notebooks, pytest's capture) never get a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the current stderr always wins
+        pass
+
+
 def setup_logging() -> None:
     """Log ``dist_seg.*`` messages to stderr (once; later calls change nothing)."""
     if not logging.getLogger("dist_seg").handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger("dist_seg").addHandler(handler)
         logging.getLogger("dist_seg").setLevel(logging.INFO)
