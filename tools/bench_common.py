@@ -35,7 +35,8 @@ def machine(device=None) -> dict:
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         gpu = torch.cuda.get_device_name(device)
     return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+            "threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def commit() -> str:

@@ -34,37 +34,22 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Benchmark the checkout this file belongs to, whatever `dist_seg` the environment has installed.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
+from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
 
 from dist_seg.data.shards import IndexedShards, encode_label, make_loader, write_records, write_split
 from dist_seg.data.toy import toy_sample
 
 FORMATS = ("jpg", "png", "features")
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_avg": [round(x, 2) for x in os.getloadavg()], "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def write_datasets(root: Path, *, formats: list[str], num_samples: int, samples_per_shard: int, image_size: int,

@@ -30,12 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-# Benchmark the checkout this file belongs to, whatever `dist_seg` the environment has installed.
-sys.path.insert(0, str(REPO))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_common import REPO, commit  # noqa: E402 - puts this checkout on sys.path first
 
 BASELINE = "9368cc6"
 
@@ -89,10 +86,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     before_module = load_baseline(args.baseline)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "commit": commit, "baseline": args.baseline, "nproc": os.cpu_count(),
+            "commit": commit(), "baseline": args.baseline, "nproc": os.cpu_count(),
             "load_avg": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads()}
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:

@@ -60,7 +60,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -72,11 +71,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-# Benchmark the checkout this file belongs to, whatever `dist_seg` the environment has installed.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 import torch.nn.functional as F
+from bench_common import machine  # noqa: E402 - puts this checkout on sys.path first
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -89,21 +86,6 @@ from dist_seg.methods.base import Batch, Method, StepContext, sample_coords
 RANDOM_INIT = "random init (speed only)"
 METHODS = ("stego", "ds2dl")
 MODES = ("cached", "online")
-
-
-# ------------------------------------------------------------------------------------------ machine
-def machine(device: torch.device) -> dict:
-    """CPU model, core count, torch threads and load, and the GPU name when timing on one."""
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def code_version() -> dict:
