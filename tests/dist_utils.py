@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -37,7 +38,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def run_distributed(fn: Callable[..., Any], world: int, *args: Any, _retry: bool = True) -> list[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` gloo ranks; return each rank's (torch.save-able) result.
 
     ``fn`` must be importable (defined at module level) because processes are spawned.
@@ -47,5 +48,11 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]
             mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
         except Exception as err:
             errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            # A rank killed by a signal with no Python error recorded (seen once in a full CI run: SIGABRT,
+            # "terminate called without an active exception" in process teardown, not reproduced in 13 isolated
+            # runs) is run once more, loudly; any Python error, or a second death, fails the test.
+            if _retry and not errors and isinstance(err, mp.ProcessExitedException):
+                print(f"run_distributed: {err}; no Python error was recorded: running once more", file=sys.stderr)
+                return run_distributed(fn, world, *args, _retry=False)
             raise AssertionError("distributed run failed:\n" + "\n".join(errors)) from err
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
